@@ -1,0 +1,1 @@
+"""hermes-serve: a shared, OpenAI-compatible LLM service (BentoML + vLLM in-process)."""

@@ -1,0 +1,11 @@
+"""The one source of time: injected everywhere so tests control it exactly."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+Clock = Callable[[], float]
+"""Returns seconds on a monotonic scale."""
+
+monotonic: Clock = time.monotonic

@@ -1,0 +1,188 @@
+"""Settings: read once at start-up from ``configuration.yaml`` (the ``hermes:`` section) and
+``HERMES_*`` environment variables, validated into one frozen pydantic object.
+
+Nothing reads the environment at import time; callers pass the mapping in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SECTION = "hermes"
+ENV_PREFIX = "HERMES_"
+ENV_NESTING = "__"
+CONFIG_PATH_VARS = ("HERMES_CONFIG", "BENTOML_CONFIG")
+DEFAULT_CONFIG_FILE = "configuration.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    source: str = "smollm2-135m-instruct:latest"
+    """A BentoML store tag, a local directory of HF weights, or a hub id."""
+    served_name: str = "smollm2-135m-instruct"
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(2048, gt=0)
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    cpu_kvcache_space_gib: float | None = Field(2.0, gt=0)
+    """CPU only: KV-cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE); unset on GPU."""
+    tool_call_parser: str | None = "hermes"
+    shutdown_timeout_s: int = Field(20, ge=0)
+    """Seconds vLLM drains running requests on SIGTERM before aborting them."""
+    engine_args: list[str] = []
+    """Extra vLLM command-line arguments, passed through unchanged."""
+
+
+class ApiKey(_Section):
+    name: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    key_env: str | None = None
+    """Name of an environment variable that holds the plaintext key (container secrets)."""
+    enabled: bool = True
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, gt=0)
+    priority: int = 0
+    """Higher is served first when the queue has a choice."""
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "ApiKey":
+        if (self.sha256 is None) == (self.key_env is None):
+            raise ValueError("give exactly one of 'sha256' or 'key_env'")
+        return self
+
+
+class AuthSettings(_Section):
+    enabled: bool = True
+    keys: list[ApiKey] = []
+    metrics_require_key: bool = False
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AuthSettings":
+        names = [k.name for k in self.keys]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate key names: {', '.join(duplicates)}")
+        return self
+
+
+class AdmissionSettings(_Section):
+    max_concurrency: int = Field(64, gt=0)
+    max_queue: int = Field(50, ge=0)
+    queue_timeout_s: float = Field(120, gt=0)
+    request_timeout_s: float = Field(600, gt=0)
+
+
+class ServerSettings(_Section):
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+
+
+class Settings(_Section):
+    model: ModelSettings = ModelSettings()
+    auth: AuthSettings = AuthSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    limits_storage: str = "memory://"
+    server: ServerSettings = ServerSettings()
+    device: Literal["cpu", "gpu"] = "cpu"
+
+
+class SettingsError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def config_path(environ: Mapping[str, str], cwd: Path) -> Path:
+    for var in CONFIG_PATH_VARS:
+        if environ.get(var):
+            return Path(environ[var])
+    return cwd / DEFAULT_CONFIG_FILE
+
+
+def load_settings(environ: Mapping[str, str], cwd: Path | None = None) -> Settings:
+    """Settings from the config file's ``hermes:`` section, then ``HERMES_A__B=...`` overrides."""
+    path = config_path(environ, cwd or Path.cwd())
+    raw: dict[str, Any] = {}
+    if path.exists():
+        document = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(document, dict):
+            raise SettingsError(f"{path}: expected a mapping at the top level")
+        raw = document.get(SECTION) or {}
+    elif any(environ.get(var) for var in CONFIG_PATH_VARS):
+        raise SettingsError(f"config file not found: {path}")
+    _overlay_environment(raw, environ)
+    return parse_settings(raw, origin=str(path))
+
+
+def parse_settings(raw: Mapping[str, Any], origin: str = "<settings>") -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{SECTION}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid configuration in {origin}: {problems}") from None
+
+
+def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in CONFIG_PATH_VARS:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTING)
+        if path[0] not in Settings.model_fields:
+            continue  # another tool's HERMES_* variable, not a setting
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"{name}: {part} is not a section")
+        node[path[-1]] = _env_value(value)
+
+
+def _env_value(value: str) -> Any:
+    # Lists and mappings (keys, engine_args) come as JSON; scalars stay strings for pydantic.
+    if value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+def env_var_for(dotted_key: str) -> str:
+    """``model.max_model_len`` -> ``HERMES_MODEL__MAX_MODEL_LEN`` (for docs and errors)."""
+    return ENV_PREFIX + ENV_NESTING.join(dotted_key.upper().split("."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hermes_serve.config check``: validate before the slow engine start."""
+    import os
+    import sys
+
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        print(f"hermes-serve: {exc}", file=sys.stderr)
+        return 2
+    command = argv[0] if argv else "check"
+    answers = {
+        "check": "configuration OK",
+        "model-source": settings.model.source,
+        "served-name": settings.model.served_name,
+    }
+    print(answers.get(command, f"unknown command {command!r}; one of {sorted(answers)}"))
+    return 0 if command in answers else 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,103 @@
+"""The vLLM engine in-process, and vLLM's own OpenAI app built on it.
+
+All arguments go through vLLM's own CLI parser, so every vLLM flag stays available to
+operators (``model.engine_args``) and vLLM validates them the way its server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any, Callable
+
+from .config import Settings
+
+logger = logging.getLogger(__name__)
+
+WATCHDOG_INTERVAL_S = 1.0
+
+
+def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
+    """The exact ``vllm serve`` arguments this service runs with (pure: unit-tested per profile)."""
+    model = settings.model
+    args = [
+        "--model", model_path,
+        "--served-model-name", model.served_name,
+        "--dtype", model.dtype,
+        "--max-model-len", str(model.max_model_len),
+        "--tensor-parallel-size", str(model.tensor_parallel_size),
+        "--shutdown-timeout", str(model.shutdown_timeout_s),
+        # The gateway logs one line per request (never prompt text); vLLM's request log stays off.
+        "--disable-uvicorn-access-log",
+        "--disable-fastapi-docs",
+    ]  # fmt: skip
+    if settings.device == "gpu":
+        args += ["--gpu-memory-utilization", str(model.gpu_memory_utilization)]
+    if model.tool_call_parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser]
+    return args + list(model.engine_args)
+
+
+def engine_environment(settings: Settings) -> dict[str, str]:
+    """Environment the engine's child processes need (they are spawned, so they inherit it)."""
+    env: dict[str, str] = {}
+    if settings.device == "cpu" and settings.model.cpu_kvcache_space_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.model.cpu_kvcache_space_gib:g}"
+    return env
+
+
+class Engine:
+    """Owns the engine client for the service's lifetime; ``app`` is vLLM's OpenAI FastAPI app."""
+
+    def __init__(self, settings: Settings, on_death: Callable[[], None]) -> None:
+        self._settings = settings
+        self._on_death = on_death
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.app: Any = None
+
+    @property
+    def ready(self) -> bool:
+        return self._client is not None and not self._client.errored
+
+    async def start(self, model_path: str) -> Any:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import (
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        os.environ.update(engine_environment(self._settings))
+        parser = make_arg_parser(FlexibleArgumentParser())
+        args = parser.parse_args(engine_cli_args(self._settings, model_path))
+        validate_parsed_serve_args(args)
+
+        client = await self._stack.enter_async_context(build_async_engine_client(args))
+        tasks = await client.get_supported_tasks()
+        app = build_app(args, tasks, client.model_config)
+        await init_app_state(client, app.state, args, tasks)
+        self._client, self.app = client, app
+        self._watchdog = asyncio.create_task(self._watch())
+        return app
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._client = None
+        await self._stack.aclose()
+
+    async def _watch(self) -> None:
+        # vLLM's own server exits when the engine core dies; in-process we must do it
+        # ourselves, or readiness stays green while every request fails.
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            if self._client is not None and self._client.errored:
+                logger.critical("vLLM engine died; stopping this worker so it is restarted")
+                self._on_death()
+                return

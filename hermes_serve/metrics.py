@@ -1,0 +1,42 @@
+"""Gateway metrics, exported on BentoML's ``/metrics`` beside vLLM's ``vllm:*`` series.
+
+Labelled by key *name* (never the key), route and outcome. A registry is injectable so unit
+tests do not share global state.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.requests = Counter(
+            "hermes_requests", "Requests answered, by key, route and status.",
+            ["key", "route", "status"], registry=registry,
+        )  # fmt: skip
+        self.rejections = Counter(
+            "hermes_rejections", "Requests refused by the gateway, by key and reason.",
+            ["key", "reason"], registry=registry,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "hermes_tokens", "Prompt + completion tokens charged, by key.", ["key"], registry=registry
+        )
+        self.duration = Histogram(
+            "hermes_request_duration_seconds", "Whole request time, queue included.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "hermes_queue_wait_seconds", "Time spent waiting for an engine slot.",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.running = Gauge(
+            "hermes_running_requests", "Requests holding an engine slot.", registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.waiting = Gauge(
+            "hermes_waiting_requests", "Requests waiting in the admission queue.", registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip

@@ -1,0 +1,81 @@
+"""hermes-serve: the BentoML service. Wiring only; behaviour lives in ``hermes_serve``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from hermes_serve.admission import AdmissionQueue
+from hermes_serve.auth import KeyRing
+from hermes_serve.config import load_settings
+from hermes_serve.engine import Engine
+from hermes_serve.gateway import Gateway
+from hermes_serve.limits import RateLimits
+from hermes_serve.metrics import GatewayMetrics
+from hermes_serve.models import resolve_model_path
+
+logger = logging.getLogger("hermes_serve")
+
+
+class LateBound:
+    """The ASGI app BentoML mounts at import time; the gateway is plugged in at start-up."""
+
+    app: Gateway | None = None
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if self.app is not None:
+            await self.app(scope, receive, send)
+
+
+front = LateBound()
+# BentoML's own /livez, /readyz, /metrics match first; the Mount catches every other path.
+mounted = Starlette(routes=[Mount("/", app=front)])
+
+
+@bentoml.service(
+    name="hermes",
+    workers=1,  # one engine per worker: two engines would fight for the same cores/GPU
+    traffic={"timeout": 3600},  # our admission and request_timeout_s decide, not BentoML's
+)
+@bentoml.asgi_app(mounted, path="/")
+class HermesService:
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+
+    @bentoml.on_startup
+    async def start(self) -> None:
+        settings = load_settings(os.environ)
+        keyring = KeyRing.from_settings(settings.auth, os.environ)
+        if keyring.generated_key:
+            # Printed once, so a fresh install is never open by accident.
+            print(
+                "\n  No API keys configured: generated one for this run:\n"
+                f"  {keyring.generated_key}\n"
+                "  Configure hermes.auth.keys (python -m hermes_serve.auth new NAME) to keep one.\n",
+                flush=True,
+            )
+        gateway = Gateway(
+            settings,
+            keyring,
+            RateLimits(settings.limits_storage),
+            AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue),
+            GatewayMetrics(),
+        )
+        front.app = gateway
+        self.engine = Engine(settings, on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        app = await self.engine.start(resolve_model_path(settings.model.source))
+        gateway.attach(app, lambda: self.engine is not None and self.engine.ready)
+        logger.info("serving %s", settings.model.served_name)
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
+
+    async def __is_ready__(self) -> bool:
+        return self.engine is not None and self.engine.ready

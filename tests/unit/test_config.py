@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hermes_serve.config import (
+    Settings,
+    SettingsError,
+    config_path,
+    env_var_for,
+    load_settings,
+    parse_settings,
+)
+
+SHA = "a" * 64
+
+
+def write(tmp_path: Path, text: str) -> dict[str, str]:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return {"HERMES_CONFIG": str(path)}
+
+
+def test_defaults_are_the_cpu_profile() -> None:
+    settings = Settings()
+    assert settings.device == "cpu"
+    assert settings.model.served_name == "smollm2-135m-instruct"
+    assert settings.auth.enabled and settings.auth.keys == []
+    assert settings.admission.max_concurrency == 64 and settings.admission.max_queue == 50
+
+
+def test_reads_the_hermes_section_and_ignores_bentoml_keys(tmp_path: Path) -> None:
+    environ = write(tmp_path, "services: {hermes: {workers: 1}}\nhermes:\n  model: {served_name: m, max_model_len: 512}\n")
+    settings = load_settings(environ, cwd=tmp_path)
+    assert settings.model.served_name == "m" and settings.model.max_model_len == 512
+
+
+def test_environment_overrides_nested_keys_and_json_lists(tmp_path: Path) -> None:
+    environ = write(tmp_path, "hermes:\n  model: {max_model_len: 512}\n")
+    environ |= {
+        "HERMES_MODEL__MAX_MODEL_LEN": "1024",
+        "HERMES_MODEL__ENGINE_ARGS": '["--max-num-seqs", "8"]',
+        "HERMES_LIMITS_STORAGE": "redis://cache:6379",
+        "HERMES_AUTH__KEYS": f'[{{"name": "a", "sha256": "{SHA}", "requests_per_minute": 5}}]',
+        "HERMES_SERVE_UNRELATED": "ignored",  # another tool's variable is not a setting
+    }
+    settings = load_settings(environ, cwd=tmp_path)
+    assert settings.model.max_model_len == 1024
+    assert settings.model.engine_args == ["--max-num-seqs", "8"]
+    assert settings.limits_storage == "redis://cache:6379"
+    assert settings.auth.keys[0].requests_per_minute == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("hermes: {model: {max_model_len: lots}}", "hermes.model.max_model_len"),
+        ("hermes: {admission: {max_concurrency: 0}}", "hermes.admission.max_concurrency"),
+        ("hermes: {model: {gpu_memory_utilization: 1.5}}", "hermes.model.gpu_memory_utilization"),
+        ("hermes: {modle: {}}", "hermes.modle"),
+        ("hermes: {auth: {keys: [{name: a}]}}", "hermes.auth.keys.0"),
+        (f"hermes: {{auth: {{keys: [{{name: a, sha256: '{SHA}'}}, {{name: a, sha256: '{SHA}'}}]}}}}", "duplicate key names: a"),
+        ("hermes: {auth: {keys: [{name: a, sha256: NOTHEX}]}}", "hermes.auth.keys.0.sha256"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_names_its_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(SettingsError, match=named.replace(".", r"\.")):
+        load_settings(write(tmp_path, text), cwd=tmp_path)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings({"HERMES_CONFIG": str(tmp_path / "nope.yaml")})
+
+
+def test_config_path_order(tmp_path: Path) -> None:
+    assert config_path({}, tmp_path) == tmp_path / "configuration.yaml"
+    assert config_path({"BENTOML_CONFIG": "b.yaml"}, tmp_path) == Path("b.yaml")
+    assert config_path({"BENTOML_CONFIG": "b.yaml", "HERMES_CONFIG": "h.yaml"}, tmp_path) == Path("h.yaml")
+
+
+def test_shipped_configurations_parse() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    cpu = load_settings({"HERMES_CONFIG": str(repo / "configuration.yaml")})
+    gpu = load_settings({"HERMES_CONFIG": str(repo / "configuration.gpu.yaml")})
+    assert cpu.device == "cpu" and gpu.device == "gpu"
+    assert gpu.model.served_name == "hermes-3-8b" and gpu.model.max_model_len == 8192
+
+
+def test_env_var_names() -> None:
+    assert env_var_for("model.max_model_len") == "HERMES_MODEL__MAX_MODEL_LEN"
+    assert env_var_for("limits_storage") == "HERMES_LIMITS_STORAGE"
+
+
+def test_settings_are_frozen() -> None:
+    settings = parse_settings({})
+    with pytest.raises(Exception):
+        settings.device = "gpu"  # type: ignore[misc]

@@ -1,0 +1,70 @@
+"""The engine's arguments per profile, checked through vLLM's own parser (no engine started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hermes_serve.config import load_settings, parse_settings
+from hermes_serve.engine import engine_cli_args, engine_environment
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():  # type: ignore[no-untyped-def]
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def profile(name: str):  # type: ignore[no-untyped-def]
+    return load_settings({"HERMES_CONFIG": str(REPO / name)})
+
+
+def test_gpu_profile_renders_hermes_3_on_one_gpu(vllm_parser) -> None:  # type: ignore[no-untyped-def]
+    settings = profile("configuration.gpu.yaml")
+    args = vllm_parser.parse_args(engine_cli_args(settings, "/models/hermes"))
+    assert args.model == "/models/hermes"
+    assert args.served_model_name == ["hermes-3-8b"]
+    assert args.dtype == "bfloat16"
+    assert args.max_model_len == 8192
+    assert args.gpu_memory_utilization == 0.85
+    assert args.tensor_parallel_size == 1
+    assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
+    assert engine_environment(settings) == {}
+
+
+def test_gpu_profile_bentoml_resources_follow_tensor_parallel() -> None:
+    document = yaml.safe_load((REPO / "configuration.gpu.yaml").read_text())
+    settings = profile("configuration.gpu.yaml")
+    assert document["services"]["hermes"]["resources"]["gpu"] == settings.model.tensor_parallel_size
+
+
+def test_tensor_parallel_is_configurable(vllm_parser) -> None:  # type: ignore[no-untyped-def]
+    settings = parse_settings({"device": "gpu", "model": {"tensor_parallel_size": 2}})
+    assert vllm_parser.parse_args(engine_cli_args(settings, "m")).tensor_parallel_size == 2
+
+
+def test_cpu_profile_bounds_the_kv_cache_and_leaves_gpu_memory_alone(vllm_parser) -> None:  # type: ignore[no-untyped-def]
+    settings = profile("configuration.yaml")
+    argv = engine_cli_args(settings, "/models/smol")
+    assert "--gpu-memory-utilization" not in argv
+    args = vllm_parser.parse_args(argv)
+    assert args.served_model_name == ["smollm2-135m-instruct"] and args.max_model_len == 2048
+    assert engine_environment(settings) == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def test_engine_args_pass_through_last(vllm_parser) -> None:  # type: ignore[no-untyped-def]
+    settings = parse_settings({"model": {"engine_args": ["--max-num-seqs", "7"]}})
+    argv = engine_cli_args(settings, "m")
+    assert argv[-2:] == ["--max-num-seqs", "7"]
+    assert vllm_parser.parse_args(argv).max_num_seqs == 7
+
+
+def test_no_tool_parser_means_no_auto_tool_choice() -> None:
+    argv = engine_cli_args(parse_settings({"model": {"tool_call_parser": None}}), "m")
+    assert "--enable-auto-tool-choice" not in argv
