@@ -307,8 +307,11 @@ class Exchange:
         assert self._start is not None
         status = self._start["status"]
         if status >= 400:
+            # FastAPI's 422 for a malformed field is a 400 in the OpenAI API.
+            status = self.status = 400 if status == 422 else status
             payload = _openai_error_payload(status, payload)
-            start = {**self._start, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]}
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+            start = {**self._start, "status": status, "headers": headers}
         else:
             self.tokens = usage.usage_from_json(payload)
             start = self._start
