@@ -16,6 +16,7 @@ from hermes_serve.config import Settings, parse_settings
 from hermes_serve.gateway import Gateway
 from hermes_serve.limits import RateLimits
 from hermes_serve.metrics import GatewayMetrics
+from hermes_serve.usage import estimate_tokens
 from tests.unit.fake_engine import USAGE, FakeEngine
 
 KEY = "hs-unit-test-key"
@@ -180,9 +181,10 @@ async def test_stream_usage_event_is_hidden_unless_asked_and_tokens_are_charged(
     assert b'"usage"' not in hidden.body and hidden.body.endswith(b"data: [DONE]\n\n")
     shown = await call(gateway, "POST", CHAT, {**HELLO, "stream": True, "stream_options": {"include_usage": True}})
     assert b'"usage":{' in shown.body
-    # Two streams charged 15 real tokens each; the window shows it.
+    # Two streams were charged their real usage; this request's estimate is reserved.
     after = await call(gateway, "POST", CHAT, HELLO)
-    assert after.headers["x-ratelimit-remaining-tokens"] == str(1000 - 3 * USAGE["total_tokens"])
+    expected = 1000 - 2 * USAGE["total_tokens"] - estimate_tokens(HELLO, 2048)
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(expected)
 
 
 async def test_queue_full_is_503_and_queue_wait_is_504() -> None:
