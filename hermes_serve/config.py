@@ -1,5 +1,9 @@
-"""Settings: read once at start-up from ``configuration.yaml`` (the ``hermes:`` section) and
-``HERMES_*`` environment variables, validated into one frozen pydantic object.
+"""Settings: read once at start-up from ``configuration.yaml`` and ``HERMES_*`` environment
+variables, validated into one frozen pydantic object.
+
+The file is BentoML's own configuration file. BentoML accepts nothing of ours at its top
+level, but passes unknown keys of a service's section through, so our settings sit beside
+BentoML's (``traffic``, ``resources``...) in ``services.hermes``.
 
 Nothing reads the environment at import time; callers pass the mapping in.
 """
@@ -13,7 +17,14 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SECTION = "hermes"
+SERVICE_NAME = "hermes"
+SECTION = f"services.{SERVICE_NAME}"
+# BentoML's own keys in a service's section (its v2 configuration schema): left to BentoML.
+BENTOML_SERVICE_KEYS = frozenset({
+    "name", "batching", "resources", "extra_ports", "replicate_process", "workers", "threads",
+    "traffic", "backlog", "max_runner_connections", "runner_connection", "metrics", "logging",
+    "http", "grpc", "ssl", "runner_probe", "monitoring", "tracing", "envs",
+})  # fmt: skip
 ENV_PREFIX = "HERMES_"
 ENV_NESTING = "__"
 CONFIG_PATH_VARS = ("HERMES_CONFIG", "BENTOML_CONFIG")
@@ -110,14 +121,23 @@ def load_settings(environ: Mapping[str, str], cwd: Path | None = None) -> Settin
     path = config_path(environ, cwd or Path.cwd())
     raw: dict[str, Any] = {}
     if path.exists():
-        document = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(document, dict):
-            raise SettingsError(f"{path}: expected a mapping at the top level")
-        raw = document.get(SECTION) or {}
+        raw = service_section(yaml.safe_load(path.read_text()), str(path))
     elif any(environ.get(var) for var in CONFIG_PATH_VARS):
         raise SettingsError(f"config file not found: {path}")
     _overlay_environment(raw, environ)
     return parse_settings(raw, origin=str(path))
+
+
+def service_section(document: Any, origin: str) -> dict[str, Any]:
+    """Our keys from ``services.hermes``, without BentoML's."""
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise SettingsError(f"{origin}: expected a mapping at the top level")
+    section = (document.get("services") or {}).get(SERVICE_NAME) or {}
+    if not isinstance(section, dict):
+        raise SettingsError(f"{origin}: {SECTION} must be a mapping")
+    return {k: v for k, v in section.items() if k not in BENTOML_SERVICE_KEYS}
 
 
 def parse_settings(raw: Mapping[str, Any], origin: str = "<settings>") -> Settings:

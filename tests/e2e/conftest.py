@@ -70,26 +70,27 @@ class Server:
 
 def _write_config(path: Path, keys: dict[str, str], redis_url: str) -> None:
     config = {
-        "version": 2,
-        "services": {"hermes": {"traffic": {"timeout": 3600}}},
-        "hermes": {
-            "device": "cpu",
-            "model": {"served_name": SERVED_NAME, "max_model_len": 2048, "cpu_kvcache_space_gib": 1},
-            "auth": {
-                "keys": [
-                    {"name": name, "sha256": hashlib.sha256(keys[name].encode()).hexdigest(), **limits}
-                    for name, limits in KEY_LIMITS.items()
-                ]
-            },
-            "admission": {
-                "max_concurrency": 1,
-                "max_queue": 1,
-                "queue_timeout_s": QUEUE_TIMEOUT_S,
-                "request_timeout_s": REQUEST_TIMEOUT_S,
-            },
-            "limits_storage": redis_url,
-            "server": {"max_body_bytes": 65536},
-        },
+        "services": {
+            "hermes": {
+                "traffic": {"timeout": 3600},
+                "device": "cpu",
+                "model": {"served_name": SERVED_NAME, "max_model_len": 2048, "cpu_kvcache_space_gib": 1},
+                "auth": {
+                    "keys": [
+                        {"name": name, "sha256": hashlib.sha256(keys[name].encode()).hexdigest(), **limits}
+                        for name, limits in KEY_LIMITS.items()
+                    ]
+                },
+                "admission": {
+                    "max_concurrency": 1,
+                    "max_queue": 1,
+                    "queue_timeout_s": QUEUE_TIMEOUT_S,
+                    "request_timeout_s": REQUEST_TIMEOUT_S,
+                },
+                "limits_storage": redis_url,
+                "server": {"max_body_bytes": 65536},
+            }
+        }
     }
     path.write_text(yaml.safe_dump(config))
 

@@ -16,9 +16,10 @@ from hermes_serve.config import (
 SHA = "a" * 64
 
 
-def write(tmp_path: Path, text: str) -> dict[str, str]:
+def write(tmp_path: Path, section: str) -> dict[str, str]:
+    """A config file whose services.hermes section is ``section`` (YAML flow mapping)."""
     path = tmp_path / "config.yaml"
-    path.write_text(text)
+    path.write_text(f"services:\n  hermes: {section}\n")
     return {"HERMES_CONFIG": str(path)}
 
 
@@ -30,14 +31,14 @@ def test_defaults_are_the_cpu_profile() -> None:
     assert settings.admission.max_concurrency == 64 and settings.admission.max_queue == 50
 
 
-def test_reads_the_hermes_section_and_ignores_bentoml_keys(tmp_path: Path) -> None:
-    environ = write(tmp_path, "services: {hermes: {workers: 1}}\nhermes:\n  model: {served_name: m, max_model_len: 512}\n")
+def test_reads_the_service_section_and_leaves_bentoml_keys_to_bentoml(tmp_path: Path) -> None:
+    environ = write(tmp_path, "{workers: 1, traffic: {timeout: 9}, model: {served_name: m, max_model_len: 512}}")
     settings = load_settings(environ, cwd=tmp_path)
     assert settings.model.served_name == "m" and settings.model.max_model_len == 512
 
 
 def test_environment_overrides_nested_keys_and_json_lists(tmp_path: Path) -> None:
-    environ = write(tmp_path, "hermes:\n  model: {max_model_len: 512}\n")
+    environ = write(tmp_path, "{model: {max_model_len: 512}}")
     environ |= {
         "HERMES_MODEL__MAX_MODEL_LEN": "1024",
         "HERMES_MODEL__ENGINE_ARGS": '["--max-num-seqs", "8"]',
@@ -55,13 +56,13 @@ def test_environment_overrides_nested_keys_and_json_lists(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "named"),
     [
-        ("hermes: {model: {max_model_len: lots}}", "hermes.model.max_model_len"),
-        ("hermes: {admission: {max_concurrency: 0}}", "hermes.admission.max_concurrency"),
-        ("hermes: {model: {gpu_memory_utilization: 1.5}}", "hermes.model.gpu_memory_utilization"),
-        ("hermes: {modle: {}}", "hermes.modle"),
-        ("hermes: {auth: {keys: [{name: a}]}}", "hermes.auth.keys.0"),
-        (f"hermes: {{auth: {{keys: [{{name: a, sha256: '{SHA}'}}, {{name: a, sha256: '{SHA}'}}]}}}}", "duplicate key names: a"),
-        ("hermes: {auth: {keys: [{name: a, sha256: NOTHEX}]}}", "hermes.auth.keys.0.sha256"),
+        ("{model: {max_model_len: lots}}", "services.hermes.model.max_model_len"),
+        ("{admission: {max_concurrency: 0}}", "services.hermes.admission.max_concurrency"),
+        ("{model: {gpu_memory_utilization: 1.5}}", "services.hermes.model.gpu_memory_utilization"),
+        ("{modle: {}}", "services.hermes.modle"),
+        ("{auth: {keys: [{name: a}]}}", "services.hermes.auth.keys.0"),
+        (f"{{auth: {{keys: [{{name: a, sha256: '{SHA}'}}, {{name: a, sha256: '{SHA}'}}]}}}}", "duplicate key names: a"),
+        ("{auth: {keys: [{name: a, sha256: NOTHEX}]}}", "services.hermes.auth.keys.0.sha256"),
     ],
 )  # fmt: skip
 def test_a_bad_value_names_its_key(tmp_path: Path, text: str, named: str) -> None:

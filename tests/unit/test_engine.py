@@ -42,6 +42,7 @@ def test_gpu_profile_bentoml_resources_follow_tensor_parallel() -> None:
     document = yaml.safe_load((REPO / "configuration.gpu.yaml").read_text())
     settings = profile("configuration.gpu.yaml")
     assert document["services"]["hermes"]["resources"]["gpu"] == settings.model.tensor_parallel_size
+    assert "resources" not in yaml.safe_load((REPO / "configuration.yaml").read_text())["services"]["hermes"]
 
 
 def test_tensor_parallel_is_configurable(vllm_parser) -> None:  # type: ignore[no-untyped-def]
