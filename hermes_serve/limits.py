@@ -107,7 +107,8 @@ class RateLimits:
         }
 
     def _refusal(self, what: str, limit: int, reset_at: float, name: str, headers: dict[str, str]) -> errors.OpenAIError:
-        retry_after = max(1, math.ceil(reset_at - self._now()))
+        # One past the window edge: a client that waits exactly this long is admitted.
+        retry_after = max(1, math.floor(reset_at - self._now()) + 1)
         error = errors.rate_limited(what, limit, retry_after, name)
         return dataclasses.replace(error, headers={**headers, **error.headers})
 

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hermes_serve.admission import AdmissionQueue, FairQueue, Waiter
+from hermes_serve.errors import OpenAIError
+
+
+def drain(queue: FairQueue) -> list[str]:
+    order = []
+    while (w := queue.pop_next(lambda _: True)) is not None:
+        order.append(f"{w.key}{w.priority}")
+    return order
+
+
+def test_round_robin_across_keys_fifo_within_a_key() -> None:
+    queue = FairQueue()
+    waiters = [Waiter("a", 0, None) for _ in range(3)] + [Waiter("b", 0, None)]
+    for w in waiters:
+        queue.push(w)
+    popped = [queue.pop_next(lambda _: True) for _ in range(4)]
+    assert popped == [waiters[0], waiters[3], waiters[1], waiters[2]]
+    assert queue.pop_next(lambda _: True) is None and len(queue) == 0
+
+
+def test_higher_priority_first() -> None:
+    queue = FairQueue()
+    for key, priority in [("a", 0), ("b", 0), ("c", 5), ("a", 1)]:
+        queue.push(Waiter(key, priority, None))
+    assert drain(queue) == ["c5", "a1", "a0", "b0"]
+
+
+def test_keys_that_may_not_run_are_skipped_not_dropped() -> None:
+    queue = FairQueue()
+    for key in "aab":
+        queue.push(Waiter(key, 0, None))
+    assert queue.pop_next(lambda w: w.key != "a").key == "b"  # type: ignore[union-attr]
+    assert queue.waiting_by_key() == {"a": 2}
+
+
+def test_remove() -> None:
+    queue = FairQueue()
+    first, second = Waiter("a", 0, None), Waiter("a", 0, None)
+    queue.push(first)
+    queue.push(second)
+    assert queue.remove(first) and not queue.remove(first)
+    assert queue.pop_next(lambda _: True) is second
+
+
+async def hold(queue: AdmissionQueue, key: str, release: asyncio.Event, log: list[str], **kw: object) -> None:
+    async with queue.slot(key, **kw):  # type: ignore[arg-type]
+        log.append(key)
+        await release.wait()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_cap_is_respected_and_slots_are_handed_on_in_fair_order() -> None:
+    queue = AdmissionQueue(max_concurrency=1, max_queue=10)
+    log: list[str] = []
+    gates = {name: asyncio.Event() for name in ["a1", "a2", "a3", "b1", "first"]}
+    first = asyncio.create_task(hold(queue, "first", gates["first"], log))
+    await settle()
+    tasks = [asyncio.create_task(hold(queue, name[0], gates[name], log)) for name in ["a1", "a2", "a3", "b1"]]
+    await settle()
+    assert queue.stats().running == 1 and queue.stats().waiting == 4
+    gates["first"].set()
+    for gate in ["a1", "b1", "a2", "a3"]:
+        await settle()
+        gates[gate].set()
+    await asyncio.gather(first, *tasks)
+    assert log == ["first", "a", "b", "a", "a"]
+    assert queue.stats().running == 0 and queue.stats().waiting == 0
+
+
+async def test_queue_full_is_503_with_retry_after() -> None:
+    queue = AdmissionQueue(max_concurrency=1, max_queue=1)
+    release = asyncio.Event()
+    running = asyncio.create_task(hold(queue, "a", release, []))
+    queued = asyncio.create_task(hold(queue, "a", release, []))
+    await settle()
+    with pytest.raises(OpenAIError) as refused:
+        async with queue.slot("b"):
+            pass
+    assert refused.value.status == 503 and refused.value.code == "server_overloaded"
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    release.set()
+    await asyncio.gather(running, queued)
+
+
+async def test_waiting_too_long_is_504_and_leaves_the_queue() -> None:
+    queue = AdmissionQueue(max_concurrency=1, max_queue=5)
+    release = asyncio.Event()
+    running = asyncio.create_task(hold(queue, "a", release, []))
+    await settle()
+    with pytest.raises(OpenAIError) as timed_out:
+        async with queue.slot("b", timeout_s=0.05):
+            pass
+    assert timed_out.value.status == 504 and timed_out.value.code == "queue_timeout"
+    assert queue.stats().waiting == 0
+    release.set()
+    await running
+
+
+async def test_cancelled_waiter_frees_its_place_and_no_slot_leaks() -> None:
+    queue = AdmissionQueue(max_concurrency=1, max_queue=1)
+    release = asyncio.Event()
+    log: list[str] = []
+    running = asyncio.create_task(hold(queue, "a", release, log))
+    await settle()
+    gone = asyncio.create_task(hold(queue, "gone", release, log))
+    await settle()
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    assert queue.stats().waiting == 0
+    after = asyncio.create_task(hold(queue, "after", release, log))  # the queue place is free
+    await settle()
+    release.set()
+    await asyncio.gather(running, after)
+    assert log == ["a", "after"] and queue.stats().running == 0
+
+
+async def test_per_key_cap_lets_other_keys_past() -> None:
+    queue = AdmissionQueue(max_concurrency=3, max_queue=5)
+    release = asyncio.Event()
+    log: list[str] = []
+    tasks = [asyncio.create_task(hold(queue, k, release, log, key_max_concurrency=1)) for k in "aab"]
+    await settle()
+    assert log == ["a", "b"] and queue.stats().waiting_by_key == {"a": 1}
+    release.set()
+    await asyncio.gather(*tasks)
+    assert log == ["a", "b", "a"]
+
+
+async def test_slot_is_released_when_the_body_raises() -> None:
+    queue = AdmissionQueue(max_concurrency=1, max_queue=0)
+    with pytest.raises(RuntimeError):
+        async with queue.slot("a"):
+            raise RuntimeError("boom")
+    async with queue.slot("a"):
+        assert queue.stats().running == 1
+
+
+async def test_retry_after_follows_observed_hold_times() -> None:
+    now = [0.0]
+    queue = AdmissionQueue(max_concurrency=1, max_queue=3, clock=lambda: now[0])
+    for _ in range(20):
+        async with queue.slot("a"):
+            now[0] += 10.0
+    assert queue.retry_after_s() == 10
