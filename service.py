@@ -14,7 +14,7 @@ from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
 from hermes_serve.config import load_settings
 from hermes_serve.engine import Engine
-from hermes_serve.gateway import Gateway
+from hermes_serve.gateway import Gateway, MetricsGuard
 from hermes_serve.limits import RateLimits
 from hermes_serve.metrics import GatewayMetrics
 from hermes_serve.models import resolve_model_path
@@ -79,3 +79,6 @@ class HermesService:
 
     async def __is_ready__(self) -> bool:
         return self.engine is not None and self.engine.ready
+
+
+HermesService.add_asgi_middleware(MetricsGuard, gateway=lambda: front.app)

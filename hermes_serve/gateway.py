@@ -72,6 +72,11 @@ class Gateway:
     def ready(self) -> bool:
         return self._engine_app is not None and self._engine_ready()
 
+    def may_read_metrics(self, authorization: str | None) -> bool:
+        if not self._settings.auth.metrics_require_key:
+            return True
+        return self._keyring.authenticate(authorization) is not None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # no websockets; lifespan belongs to BentoML
@@ -215,11 +220,7 @@ class Exchange:
             self._watcher.cancel()
 
     def header(self, name: str) -> str | None:
-        wanted = name.encode()
-        for key, value in self.scope.get("headers", ()):
-            if key.lower() == wanted:
-                return value.decode("latin-1")
-        return None
+        return _scope_header(self.scope, name.encode())
 
     # --- request side ---------------------------------------------------------------------
 
@@ -362,3 +363,30 @@ def _openai_error_payload(status: int, payload: bytes) -> bytes:
     detail = body.get("detail") if isinstance(body, dict) else None
     message = detail if isinstance(detail, str) else json.dumps(detail) if detail else "Bad request."
     return errors.encode(errors.error_body(message, "invalid_request_error"))
+
+
+class MetricsGuard:
+    """Pure-ASGI middleware around BentoML's app: ``/metrics`` asks for a key when configured.
+
+    BentoML serves ``/metrics`` itself, before the gateway's mount, so the check wraps it.
+    """
+
+    def __init__(self, app: ASGIApp, gateway: Callable[[], Gateway | None]) -> None:
+        self._app = app
+        self._gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            gateway = self._gateway()
+            authorization = _scope_header(scope, b"authorization")
+            if gateway is not None and not gateway.may_read_metrics(authorization):
+                await errors.send_error(send, errors.invalid_api_key())
+                return
+        await self._app(scope, receive, send)
+
+
+def _scope_header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing, hash_key
 from hermes_serve.config import Settings, parse_settings
-from hermes_serve.gateway import Gateway
+from hermes_serve.gateway import Gateway, MetricsGuard
 from hermes_serve.limits import RateLimits
 from hermes_serve.metrics import GatewayMetrics
 from hermes_serve.usage import estimate_tokens
@@ -249,3 +249,18 @@ async def test_non_generation_routes_need_a_key_and_pass_through() -> None:
     gateway, _, _ = build()
     assert (await call(gateway, "GET", "/v1/models", key=None)).status == 401
     assert (await call(gateway, "GET", "/v1/models")).json()["data"][0]["id"] == "fake"
+
+
+@pytest.mark.parametrize(("required", "key", "status"), [(False, None, 200), (True, None, 401), (True, KEY, 200), (True, "hs-bad", 401)])
+async def test_metrics_guard(required: bool, key: str | None, status: int) -> None:
+    gateway, _, _ = build(auth={"metrics_require_key": required})
+
+    async def bentoml_app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"# metrics"})
+
+    guard = MetricsGuard(bentoml_app, gateway=lambda: gateway)
+    reply = await call(guard, "GET", "/metrics", key=key)  # type: ignore[arg-type]
+    assert reply.status == status
+    if status == 401:
+        assert reply.error["code"] == "invalid_api_key"
