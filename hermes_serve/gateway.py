@@ -36,6 +36,7 @@ PUBLIC_ROUTES: dict[str, frozenset[str]] = {
 }
 GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 OPEN_ROUTES = frozenset({"/health"})
+ABORT_GRACE_S = 1.0  # how long vLLM gets to abort on the disconnect it is shown
 
 
 class ClientDisconnected(Exception):
@@ -150,6 +151,7 @@ class Gateway:
                     )
                 self._metrics.queue_wait.observe(self._clock() - waiting_since)
                 with self._metrics.running.track_inprogress():
+                    ex.in_engine = True
                     await engine_app(ex.scope, ex.engine_receive, ex.engine_send)
 
         work = asyncio.create_task(admitted_and_served())
@@ -161,9 +163,7 @@ class Gateway:
             gone.cancel()
         if work.done():
             return work.result()  # re-raises the queue's 503/504 and anything unexpected
-        # Cancelling the task aborts the vLLM request (AsyncLLM.generate aborts on cancel).
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
+        await ex.abandon(work)
         if ex.disconnected.is_set():
             ex.outcome = "client_gone"
             self._metrics.rejections.labels(principal.name, "client_gone").inc()
@@ -207,9 +207,12 @@ class Exchange:
         self.extra_headers: dict[str, str] = {"x-request-id": self.request_id}
         self.strip_usage_event = False
         self.disconnected = asyncio.Event()
+        self._engine_cut_off = asyncio.Event()  # what the engine sees as its client leaving
         self._body: bytes | None = None
         self._body_sent = False
         self._closed = False
+        self._engine_detached = False
+        self.in_engine = False
         self._streaming = False
         self._buffer: list[bytes] | None = None
         self._start: Message | None = None
@@ -262,13 +265,24 @@ class Exchange:
         while (await self._receive())["type"] != "http.disconnect":
             pass
         self.disconnected.set()
+        self._engine_cut_off.set()
 
     async def engine_receive(self) -> Message:
         if not self._body_sent and self._body is not None:
             self._body_sent = True
             return {"type": "http.request", "body": self._body, "more_body": False}
-        await self.disconnected.wait()
+        await self._engine_cut_off.wait()
         return {"type": "http.disconnect"}
+
+    async def abandon(self, work: asyncio.Task[None]) -> None:
+        """Stop the engine's work on this request: vLLM aborts a request when its client
+        disconnects (it runs handlers in their own task, so cancelling ours is not enough)."""
+        self._engine_detached = True
+        self._engine_cut_off.set()
+        if self.in_engine:
+            await asyncio.wait({work}, timeout=ABORT_GRACE_S)
+        work.cancel()  # still queued, or slow to abort: no-op if it already finished
+        await asyncio.gather(work, return_exceptions=True)
 
     # --- response side --------------------------------------------------------------------
 
@@ -276,7 +290,7 @@ class Exchange:
         await app(self.scope, self._receive, self.engine_send)
 
     async def engine_send(self, message: Message) -> None:
-        if self._closed:
+        if self._closed or self._engine_detached:
             return
         if message["type"] == "http.response.start":
             self.status = message["status"]

@@ -74,8 +74,9 @@ def test_json_schema_output_validates(client: openai.OpenAI) -> None:
         model=SERVED_NAME,
         messages=[{"role": "user", "content": "Give the capital of France and its population as JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
-        max_tokens=60, temperature=0,
+        max_tokens=300, temperature=0,
     )  # fmt: skip
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     data = json.loads(reply.choices[0].message.content)
     assert set(data) == {"city", "population"}
     assert isinstance(data["city"], str) and isinstance(data["population"], int)

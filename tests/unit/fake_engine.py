@@ -38,6 +38,18 @@ class FakeEngine:
         if body.get("model") == "missing":
             error = {"message": "The model `missing` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}
             return await self._json(send, 404, {"error": error})
+        # Like vLLM: the handler runs in its own task and is cancelled only when a disconnect
+        # arrives through `receive` (vLLM's with_cancellation, Starlette's StreamingResponse
+        # on ASGI spec 2.3). Cancelling the caller alone would leave it running.
+        handler = asyncio.create_task(self._handle(send, body))
+        listener = asyncio.create_task(self._disconnect(receive))
+        done, pending = await asyncio.wait({handler, listener}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if handler not in done:
+            await FakeEngine._json(send, 200, None)  # what FastAPI sends for a cancelled handler
+
+    async def _handle(self, send: Any, body: dict[str, Any]) -> None:
         self.running += 1
         try:
             if body.get("stream"):
@@ -50,6 +62,11 @@ class FakeEngine:
             raise
         finally:
             self.running -= 1
+
+    @staticmethod
+    async def _disconnect(receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
     async def _stream(self, send: Any, body: dict[str, Any]) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
