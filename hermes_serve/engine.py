@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from typing import Any, Callable
 
 from .config import Settings
@@ -57,6 +58,7 @@ class Engine:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._stopping = False
         self.app: Any = None
 
     @property
@@ -83,10 +85,12 @@ class Engine:
         app = build_app(args, tasks, client.model_config)
         await init_app_state(client, app.state, args, tasks)
         self._client, self.app = client, app
+        self._note_exit_signals()
         self._watchdog = asyncio.create_task(self._watch())
         return app
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._watchdog is not None:
             self._watchdog.cancel()
         self._client = None
@@ -97,7 +101,23 @@ class Engine:
         # ourselves, or readiness stays green while every request fails.
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
-            if self._client is not None and self._client.errored:
+            if self._client is not None and self._client.errored and not self._stopping:
                 logger.critical("vLLM engine died; stopping this worker so it is restarted")
                 self._on_death()
+                return
+
+    def _note_exit_signals(self) -> None:
+        # On Ctrl-C/SIGTERM the engine's processes get the signal too and may stop before our
+        # shutdown hook runs: that is the server stopping, not the engine dying.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def note(received: int, frame: Any, previous: Any = previous) -> None:
+                self._stopping = True
+                if callable(previous):
+                    previous(received, frame)
+
+            try:
+                signal.signal(signum, note)
+            except ValueError:  # not the main thread: the flag is set by stop() instead
                 return

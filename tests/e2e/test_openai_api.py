@@ -66,20 +66,25 @@ def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
 def test_json_schema_output_validates(client: openai.OpenAI) -> None:
     schema = {
         "type": "object",
-        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
-        "required": ["city", "population"],
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "country": {"type": "string", "maxLength": 30},
+            "is_capital": {"type": "boolean"},
+        },
+        "required": ["city", "country", "is_capital"],
         "additionalProperties": False,
     }
     reply = client.chat.completions.create(
         model=SERVED_NAME,
-        messages=[{"role": "user", "content": "Give the capital of France and its population as JSON."}],
+        messages=[{"role": "user", "content": "Name the capital of France, its country, and whether it is a capital, as JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
-        max_tokens=300, temperature=0,
+        max_tokens=200, temperature=0,
     )  # fmt: skip
     assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     data = json.loads(reply.choices[0].message.content)
-    assert set(data) == {"city", "population"}
-    assert isinstance(data["city"], str) and isinstance(data["population"], int)
+    assert set(data) == {"city", "country", "is_capital"}
+    assert isinstance(data["city"], str) and len(data["city"]) <= 30
+    assert isinstance(data["is_capital"], bool)
 
 
 def test_n_gives_two_choices(client: openai.OpenAI) -> None:
