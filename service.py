@@ -49,6 +49,7 @@ class HermesService:
 
     @bentoml.on_startup
     async def start(self) -> None:
+        logger.setLevel(logging.INFO)  # our access log: one line per request, key name only
         settings = load_settings(os.environ)
         keyring = KeyRing.from_settings(settings.auth, os.environ)
         if keyring.generated_key:
