@@ -10,6 +10,7 @@ import bentoml
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from hermes_serve import errors
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
 from hermes_serve.config import load_settings
@@ -30,6 +31,8 @@ class LateBound:
     async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         if self.app is not None:
             await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await errors.send_error(send, errors.not_ready())
 
 
 front = LateBound()

@@ -143,5 +143,10 @@ def bad_json(detail: str) -> OpenAIError:
     return OpenAIError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
 
 
+def client_closed_request() -> OpenAIError:
+    # nginx's 499: logged and counted, though the client that left never reads it.
+    return OpenAIError(499, "The client closed the request before it was answered.", code="client_closed_request")
+
+
 def internal_error() -> OpenAIError:
     return OpenAIError(500, "Internal server error.", type="server_error", code="internal_error")

@@ -36,6 +36,7 @@ PUBLIC_ROUTES: dict[str, frozenset[str]] = {
 }
 GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 OPEN_ROUTES = frozenset({"/health"})
+ABORTED_OUTCOMES = frozenset({"client_gone", "request_timeout"})
 ABORT_GRACE_S = 1.0  # how long vLLM gets to abort on the disconnect it is shown
 
 
@@ -79,8 +80,11 @@ class Gateway:
         return self._keyring.authenticate(authorization) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # refused before accept: 403
+            return
         if scope["type"] != "http":
-            return  # no websockets; lifespan belongs to BentoML
+            return  # lifespan belongs to BentoML
         exchange = Exchange(scope, receive, send, self._clock)
         try:
             await self._handle(exchange)
@@ -92,6 +96,11 @@ class Gateway:
             logger.exception("unhandled error id=%s route=%s", exchange.request_id, exchange.path)
             await exchange.fail(errors.internal_error())
         finally:
+            if not exchange.response_started:
+                # Every request gets an answer, even one nobody is left to read: BentoML's
+                # timeout middleware waits for a first byte, and would hold the request (and
+                # a graceful shutdown) until traffic.timeout otherwise.
+                await exchange.fail(errors.client_closed_request())
             exchange.close()
             self._log(exchange)
 
@@ -130,6 +139,11 @@ class Gateway:
         try:
             await self._run(ex, principal, engine_app)
         finally:
+            if ex.tokens is None and ex.in_engine and ex.outcome in ABORTED_OUTCOMES:
+                # Cut short, so vLLM sent no usage: charge the prompt and what was streamed,
+                # or leaving early would be a way around tokens/min.
+                prompt = usage.estimate_prompt_tokens(body, self._settings.model.max_model_len)
+                ex.tokens = prompt + ex.events_streamed
             ex.tokens = ex.tokens or 0
             await self._limits.settle(reservation, ex.tokens)
             self._metrics.tokens.labels(principal.name).inc(ex.tokens)
@@ -195,7 +209,8 @@ class Exchange:
     """One HTTP request/response pair: its body, headers, state, and the send/receive wrappers."""
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, clock: Clock) -> None:
-        self.scope, self._receive, self._send = scope, receive, send
+        self.scope, self._receive, self._client_send = scope, receive, send
+        self.response_started = False
         self.path: str = scope["path"]
         self.method: str = scope["method"]
         self.started = clock()
@@ -204,6 +219,7 @@ class Exchange:
         self.status: int | None = None
         self.outcome = "ok"
         self.tokens: int | None = None
+        self.events_streamed = 0
         self.extra_headers: dict[str, str] = {"x-request-id": self.request_id}
         self.strip_usage_event = False
         self.disconnected = asyncio.Event()
@@ -221,6 +237,11 @@ class Exchange:
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.response_started = True
+        await self._client_send(message)
 
     def header(self, name: str) -> str | None:
         return _scope_header(self.scope, name.encode())
@@ -309,6 +330,7 @@ class Exchange:
                 await self._finish_buffered(b"".join(self._buffer))
             return
         if self._streaming:
+            self.events_streamed += chunk.count(b"data: ")
             tokens = usage.usage_from_sse_chunk(chunk)
             if tokens is not None:
                 self.tokens = tokens
@@ -324,6 +346,7 @@ class Exchange:
         if status >= 400:
             # FastAPI's 422 for a malformed field is a 400 in the OpenAI API.
             status = self.status = 400 if status == 422 else status
+            self.outcome = "error"
             payload = _openai_error_payload(status, payload)
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
             start = {**self._start, "status": status, "headers": headers}
@@ -346,7 +369,8 @@ class Exchange:
         """Answer with ``error``: a full response before the first byte, else a final SSE frame."""
         if self._closed:
             return
-        self.outcome = error.code or "error"
+        if self.outcome == "ok":  # a client that left stays "client_gone"
+            self.outcome = error.code or "error"
         if self.status is None or self._buffer is not None:
             self.status = error.status
             self._closed = True

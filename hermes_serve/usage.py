@@ -34,11 +34,15 @@ def validate_request(route: str, body: Any) -> None:
             )
 
 
-def estimate_tokens(body: dict[str, Any], max_model_len: int) -> int:
-    """Upper-bound guess of prompt + completion tokens, reserved against tokens/min."""
+def estimate_prompt_tokens(body: dict[str, Any], max_model_len: int) -> int:
     prompt = body.get("messages", body.get("prompt", ""))
     prompt_tokens = len(json.dumps(prompt, ensure_ascii=False).encode()) // BYTES_PER_TOKEN + 1
-    prompt_tokens = min(prompt_tokens, max_model_len)
+    return min(prompt_tokens, max_model_len)
+
+
+def estimate_tokens(body: dict[str, Any], max_model_len: int) -> int:
+    """Upper-bound guess of prompt + completion tokens, reserved against tokens/min."""
+    prompt_tokens = estimate_prompt_tokens(body, max_model_len)
     completion = body.get("max_completion_tokens") or body.get("max_tokens")
     if not isinstance(completion, int) or completion <= 0:
         completion = max_model_len - prompt_tokens

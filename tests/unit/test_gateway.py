@@ -16,7 +16,7 @@ from hermes_serve.config import Settings, parse_settings
 from hermes_serve.gateway import Gateway, MetricsGuard
 from hermes_serve.limits import RateLimits
 from hermes_serve.metrics import GatewayMetrics
-from hermes_serve.usage import estimate_tokens
+from hermes_serve.usage import estimate_prompt_tokens, estimate_tokens
 from tests.unit.fake_engine import USAGE, FakeEngine
 
 KEY = "hs-unit-test-key"
@@ -221,15 +221,31 @@ async def test_request_timeout_mid_stream_sends_an_error_frame_and_aborts() -> N
 @pytest.mark.parametrize("stream", [False, True])
 async def test_client_disconnect_aborts_the_engine_request(stream: bool) -> None:
     gateway, engine, _ = build(FakeEngine(delay_s=0.2, chunks=20), admission={"request_timeout_s": 30})
-    await call(gateway, "POST", CHAT, {**HELLO, "stream": stream}, disconnect_after_s=0.1)
+    reply = await call(gateway, "POST", CHAT, {**HELLO, "stream": stream}, disconnect_after_s=0.1)
     assert engine.cancelled == 1 and engine.running == 0
+    # A response is always started (here 499 before the first byte, or the stream's 200):
+    # BentoML's timeout middleware would otherwise hold the request until traffic.timeout.
+    assert reply.status == (200 if stream else 499)
+
+
+async def test_a_stream_cut_short_is_charged_its_prompt_and_streamed_tokens() -> None:
+    keys = [{"name": "team", "sha256": hash_key(KEY), "tokens_per_minute": 10000}]
+    gateway, engine, _ = build(FakeEngine(delay_s=0.05, chunks=40), auth={"keys": keys}, admission={"request_timeout_s": 30})
+    body = {**HELLO, "stream": True}
+    cut = await call(gateway, "POST", CHAT, body, disconnect_after_s=0.28)
+    streamed = cut.body.count(b"data: ")
+    assert engine.cancelled == 1 and 3 <= streamed < 40
+    after = await call(gateway, "POST", CHAT, HELLO)
+    charged = estimate_prompt_tokens(body, 2048) + streamed
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - charged - estimate_tokens(HELLO, 2048))
 
 
 async def test_client_disconnect_while_queued_frees_the_place() -> None:
     gateway, engine, _ = build(FakeEngine(delay_s=0.1), admission={"queue_timeout_s": 10, "request_timeout_s": 30})
     running = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
     await asyncio.sleep(0.05)
-    await call(gateway, "POST", CHAT, HELLO, disconnect_after_s=0.05)  # gives up while queued
+    gave_up = await call(gateway, "POST", CHAT, HELLO, disconnect_after_s=0.05)  # while queued
+    assert gave_up.status == 499 and gave_up.error["code"] == "client_closed_request"
     third = await call(gateway, "POST", CHAT, HELLO)  # the queue place is free again
     assert third.status == 200 and (await running).status == 200
     assert len(engine.bodies) == 2
@@ -264,3 +280,14 @@ async def test_metrics_guard(required: bool, key: str | None, status: int) -> No
     assert reply.status == status
     if status == 401:
         assert reply.error["code"] == "invalid_api_key"
+
+
+async def test_websockets_are_refused() -> None:
+    gateway, _, _ = build()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await gateway({"type": "websocket", "path": CHAT, "headers": []}, None, send)  # type: ignore[arg-type]
+    assert sent == [{"type": "websocket.close", "code": 1008}]

@@ -1,0 +1,172 @@
+"""hermes-serve (BentoML + gateway + in-process vLLM) against vLLM's own OpenAI server, side
+by side in one run: same model, same engine flags, same client (vLLM's serving benchmark).
+
+    $(./scripts/setup)/bin/python scripts/bench_serving.py [--concurrency 1 8 32] [--prompts 64]
+
+The two servers run one after the other (never together: they would share the cores), each
+started fresh. Reports output tokens/s, TTFT and TPOT per concurrency, hermes/vLLM ratios, and
+the resident memory of each server's process tree after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hermes_serve.config import load_settings  # noqa: E402
+from hermes_serve.engine import engine_cli_args, engine_environment  # noqa: E402
+from hermes_serve.models import resolve_model_path  # noqa: E402
+
+METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_vllm(port: int, model_path: str, log: Path) -> subprocess.Popen[bytes]:
+    settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml")})
+    argv = engine_cli_args(settings, model_path) + ["--port", str(port), "--host", "127.0.0.1"]
+    env = {**os.environ, **engine_environment(settings)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def start_hermes(port: int, key: str, workdir: Path, log: Path) -> subprocess.Popen[bytes]:
+    # The shipped configuration with one key whose limits cannot bind, and room for every client.
+    document = yaml.safe_load((REPO / "configuration.yaml").read_text())
+    section = document["services"]["hermes"]
+    section["auth"]["keys"] = [{"name": "bench", "sha256": hashlib.sha256(key.encode()).hexdigest()}]
+    section["admission"].update(max_concurrency=256, max_queue=256)
+    config = workdir / "configuration.yaml"
+    config.write_text(yaml.safe_dump(document))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    env.update(HERMES_CONFIG=str(config), BENTOML_CONFIG=str(config), BENTOML_DO_NOT_TRACK="true")
+    bentoml = Path(sys.executable).with_name("bentoml")
+    return subprocess.Popen(
+        [str(bentoml), "serve", "service:HermesService", "--port", str(port), "--host", "127.0.0.1"],
+        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 900) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"not ready after {timeout_s}s")
+
+
+def tree_rss_gib(pid: int) -> float:
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**30
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    for leftover in alive:
+        leftover.kill()
+
+
+def run_client(base_url: str, model: str, tokenizer: str, concurrency: int, prompts: int, key: str | None) -> dict[str, Any]:
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    if key:
+        os.environ["OPENAI_API_KEY"] = key  # the benchmark client sends it as a Bearer token
+    else:
+        os.environ.pop("OPENAI_API_KEY", None)
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", base_url,
+        "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
+        "--random-input-len", "128", "--random-output-len", "64", "--ignore-eos",
+        "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--seed", "0",
+    ])  # fmt: skip
+    return main(args)
+
+
+def bench(name: str, process: subprocess.Popen[bytes], url: str, ready_path: str, log: Path, **client: Any) -> dict[str, Any]:
+    try:
+        ready_s = wait_ready(url + ready_path, process, log)
+        results = {c: run_client(url, concurrency=c, **client) for c in client.pop("levels")}
+        return {"ready_s": ready_s, "rss_gib": tree_rss_gib(process.pid), "results": results}
+    finally:
+        stop(process)
+        print(f"{name}: stopped", file=sys.stderr)
+
+
+def main_cli() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompts", type=int, default=64)
+    options = parser.parse_args()
+
+    settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml")})
+    model_path = resolve_model_path(settings.model.source)
+    name = settings.model.served_name
+    client = {"model": name, "tokenizer": model_path, "prompts": options.prompts}
+    key = "hs-bench-" + secrets.token_urlsafe(16)
+    workdir = Path(tempfile.mkdtemp(prefix="hermes-bench-"))
+
+    port = free_port()
+    vllm = bench(
+        "vllm", start_vllm(port, model_path, workdir / "vllm.log"), f"http://127.0.0.1:{port}", "/health",
+        workdir / "vllm.log", levels=options.concurrency, key=None, **client,
+    )  # fmt: skip
+    port = free_port()
+    hermes = bench(
+        "hermes", start_hermes(port, key, workdir, workdir / "hermes.log"), f"http://127.0.0.1:{port}", "/readyz",
+        workdir / "hermes.log", levels=options.concurrency, key=key, **client,
+    )  # fmt: skip
+
+    print(f"\nrandom 128 in / 64 out, {options.prompts} prompts per level; logs in {workdir}")
+    print(f"{'conc':>4} | {'vLLM tok/s':>10} {'hermes tok/s':>12} {'ratio':>6} | "
+          f"{'TTFT p50 ms':>16} | {'TPOT p50 ms':>16}")  # fmt: skip
+    for level in options.concurrency:
+        v, h = vllm["results"][level], hermes["results"][level]
+        print(
+            f"{level:>4} | {v['output_throughput']:>10.1f} {h['output_throughput']:>12.1f} "
+            f"{h['output_throughput'] / v['output_throughput']:>6.2f} | "
+            f"{v['median_ttft_ms']:>7.0f} {h['median_ttft_ms']:>8.0f} | "
+            f"{v['median_tpot_ms']:>7.1f} {h['median_tpot_ms']:>8.1f}"
+        )
+    print(f"ready after   : vLLM {vllm['ready_s']:.0f}s, hermes {hermes['ready_s']:.0f}s")
+    print(f"memory (RSS)  : vLLM {vllm['rss_gib']:.2f} GiB, hermes {hermes['rss_gib']:.2f} GiB "
+          f"({hermes['rss_gib'] / vllm['rss_gib']:.2f}x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main_cli()
