@@ -119,13 +119,16 @@ def config_path(environ: Mapping[str, str], cwd: Path) -> Path:
 def load_settings(environ: Mapping[str, str], cwd: Path | None = None) -> Settings:
     """Settings from the config file's ``hermes:`` section, then ``HERMES_A__B=...`` overrides."""
     path = config_path(environ, cwd or Path.cwd())
-    raw: dict[str, Any] = {}
+    document: Any = None
     if path.exists():
-        raw = service_section(yaml.safe_load(path.read_text()), str(path))
+        document = yaml.safe_load(path.read_text())
     elif any(environ.get(var) for var in CONFIG_PATH_VARS):
         raise SettingsError(f"config file not found: {path}")
+    raw = service_section(document, str(path))
     _overlay_environment(raw, environ)
-    return parse_settings(raw, origin=str(path))
+    settings = parse_settings(raw, origin=str(path))
+    _check_gpu_reservation(settings, document, str(path))
+    return settings
 
 
 def service_section(document: Any, origin: str) -> dict[str, Any]:
@@ -138,6 +141,18 @@ def service_section(document: Any, origin: str) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise SettingsError(f"{origin}: {SECTION} must be a mapping")
     return {k: v for k, v in section.items() if k not in BENTOML_SERVICE_KEYS}
+
+
+def _check_gpu_reservation(settings: Settings, document: Any, origin: str) -> None:
+    # BentoML reserves resources.gpu devices for the worker; vLLM shards over
+    # tensor_parallel_size of them. A mismatch fails late and obscurely inside vLLM.
+    resources = ((document or {}).get("services") or {}).get(SERVICE_NAME, {}).get("resources") or {}
+    gpus = resources.get("gpu") if isinstance(resources, dict) else None
+    if settings.device == "gpu" and gpus is not None and gpus != settings.model.tensor_parallel_size:
+        raise SettingsError(
+            f"invalid configuration in {origin}: {SECTION}.resources.gpu is {gpus} but "
+            f"{SECTION}.model.tensor_parallel_size is {settings.model.tensor_parallel_size}; make them equal"
+        )
 
 
 def parse_settings(raw: Mapping[str, Any], origin: str = "<settings>") -> Settings:

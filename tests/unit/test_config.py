@@ -63,6 +63,7 @@ def test_environment_overrides_nested_keys_and_json_lists(tmp_path: Path) -> Non
         ("{auth: {keys: [{name: a}]}}", "services.hermes.auth.keys.0"),
         (f"{{auth: {{keys: [{{name: a, sha256: '{SHA}'}}, {{name: a, sha256: '{SHA}'}}]}}}}", "duplicate key names: a"),
         ("{auth: {keys: [{name: a, sha256: NOTHEX}]}}", "services.hermes.auth.keys.0.sha256"),
+        ("{device: gpu, resources: {gpu: 2}, model: {tensor_parallel_size: 1}}", "services.hermes.resources.gpu is 2"),
     ],
 )  # fmt: skip
 def test_a_bad_value_names_its_key(tmp_path: Path, text: str, named: str) -> None:
