@@ -11,6 +11,7 @@ Nothing reads the environment at import time; callers pass the mapping in.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -125,6 +126,9 @@ def load_settings(environ: Mapping[str, str], cwd: Path | None = None) -> Settin
     elif any(environ.get(var) for var in CONFIG_PATH_VARS):
         raise SettingsError(f"config file not found: {path}")
     raw = service_section(document, str(path))
+    # Same precedence as BentoML: file < BENTOML_CONFIG_OVERRIDES < BENTOML_CONFIG_OPTIONS; ours last.
+    for overrides in _bentoml_overrides(environ):
+        _deep_merge(raw, service_section(overrides, "BentoML's override variables"))
     _overlay_environment(raw, environ)
     settings = parse_settings(raw, origin=str(path))
     _check_gpu_reservation(settings, document, str(path))
@@ -164,6 +168,35 @@ def parse_settings(raw: Mapping[str, Any], origin: str = "<settings>") -> Settin
             for err in exc.errors()
         )
         raise SettingsError(f"invalid configuration in {origin}: {problems}") from None
+
+
+def _bentoml_overrides(environ: Mapping[str, str]) -> list[Any]:
+    """BentoML's run-time override variables, as documents shaped like the config file."""
+    documents: list[Any] = []
+    if environ.get("BENTOML_CONFIG_OVERRIDES"):
+        try:
+            documents.append(json.loads(environ["BENTOML_CONFIG_OVERRIDES"]))
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"BENTOML_CONFIG_OVERRIDES is not JSON: {exc}") from None
+    if environ.get("BENTOML_CONFIG_OPTIONS"):
+        document: dict[str, Any] = {}
+        for option in shlex.split(environ["BENTOML_CONFIG_OPTIONS"]):
+            dotted, _, value = option.partition("=")
+            *parents, leaf = dotted.split(".")
+            node = document
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        documents.append(document)
+    return documents
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:

@@ -53,6 +53,20 @@ def test_environment_overrides_nested_keys_and_json_lists(tmp_path: Path) -> Non
     assert settings.auth.keys[0].requests_per_minute == 5
 
 
+def test_bentoml_override_variables_reach_our_section_before_hermes_variables(tmp_path: Path) -> None:
+    environ = write(tmp_path, "{admission: {max_queue: 5, max_concurrency: 4}, model: {max_model_len: 512}}")
+    environ |= {
+        "BENTOML_CONFIG_OVERRIDES": '{"services": {"hermes": {"admission": {"max_queue": 7}, "traffic": {"timeout": 9}}}}',
+        "BENTOML_CONFIG_OPTIONS": "services.hermes.admission.max_queue=9 services.hermes.model.served_name=\"my model\"",
+        "HERMES_MODEL__MAX_MODEL_LEN": "1024",
+    }
+    settings = load_settings(environ, cwd=tmp_path)
+    assert settings.admission.max_queue == 9 and settings.admission.max_concurrency == 4
+    assert settings.model.served_name == "my model" and settings.model.max_model_len == 1024
+    del environ["BENTOML_CONFIG_OPTIONS"]
+    assert load_settings(environ, cwd=tmp_path).admission.max_queue == 7
+
+
 @pytest.mark.parametrize(
     ("text", "named"),
     [
