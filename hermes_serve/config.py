@@ -125,10 +125,12 @@ def load_settings(environ: Mapping[str, str], cwd: Path | None = None) -> Settin
         document = yaml.safe_load(path.read_text())
     elif any(environ.get(var) for var in CONFIG_PATH_VARS):
         raise SettingsError(f"config file not found: {path}")
-    raw = service_section(document, str(path))
     # Same precedence as BentoML: file < BENTOML_CONFIG_OVERRIDES < BENTOML_CONFIG_OPTIONS; ours last.
     for overrides in _bentoml_overrides(environ):
-        _deep_merge(raw, service_section(overrides, "BentoML's override variables"))
+        if not isinstance(document, dict):
+            document = {}
+        _deep_merge(document, overrides)
+    raw = service_section(document, str(path))
     _overlay_environment(raw, environ)
     settings = parse_settings(raw, origin=str(path))
     _check_gpu_reservation(settings, document, str(path))

@@ -56,8 +56,11 @@ def test_compose_config_accepts_the_file() -> None:
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rendered = yaml.safe_load(result.stdout)
-    assert rendered["services"]["hermes"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] in (2, "2")
+    rendered = yaml.safe_load(result.stdout)["services"]["hermes"]
+    assert rendered["deploy"]["resources"]["reservations"]["devices"][0]["count"] in (2, "2")
+    # The same number reaches vLLM and BentoML, and the service accepts the pair.
+    settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.gpu.yaml"), **rendered["environment"]})
+    assert settings.model.tensor_parallel_size == 2
     missing_key = subprocess.run(
         [binary, "-f", "docker-compose.yml", "config"], cwd=REPO, capture_output=True, text=True,
         env={k: v for k, v in os.environ.items() if k != "HERMES_API_KEY"},

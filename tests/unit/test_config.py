@@ -67,6 +67,16 @@ def test_bentoml_override_variables_reach_our_section_before_hermes_variables(tm
     assert load_settings(environ, cwd=tmp_path).admission.max_queue == 7
 
 
+def test_gpu_reservation_follows_overrides_too(tmp_path: Path) -> None:
+    """docker-compose.yml sets both from one HERMES_GPUS: they must agree after overriding."""
+    environ = write(tmp_path, "{device: gpu, resources: {gpu: 1}, model: {tensor_parallel_size: 1}}")
+    environ |= {"BENTOML_CONFIG_OPTIONS": "services.hermes.resources.gpu=2", "HERMES_MODEL__TENSOR_PARALLEL_SIZE": "2"}
+    assert load_settings(environ, cwd=tmp_path).model.tensor_parallel_size == 2
+    del environ["HERMES_MODEL__TENSOR_PARALLEL_SIZE"]
+    with pytest.raises(SettingsError, match="resources.gpu is 2"):
+        load_settings(environ, cwd=tmp_path)
+
+
 @pytest.mark.parametrize(
     ("text", "named"),
     [
