@@ -132,6 +132,7 @@ def main_cli() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--hermes-first", action="store_true", help="run hermes first (to see order effects)")
     options = parser.parse_args()
 
     settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml")})
@@ -141,18 +142,27 @@ def main_cli() -> None:
     key = "hs-bench-" + secrets.token_urlsafe(16)
     workdir = Path(tempfile.mkdtemp(prefix="hermes-bench-"))
 
-    port = free_port()
-    vllm = bench(
-        "vllm", start_vllm(port, model_path, workdir / "vllm.log"), f"http://127.0.0.1:{port}", "/health",
-        workdir / "vllm.log", levels=options.concurrency, key=None, **client,
-    )  # fmt: skip
-    port = free_port()
-    hermes = bench(
-        "hermes", start_hermes(port, key, workdir, workdir / "hermes.log"), f"http://127.0.0.1:{port}", "/readyz",
-        workdir / "hermes.log", levels=options.concurrency, key=key, **client,
-    )  # fmt: skip
+    def run_vllm() -> dict[str, Any]:
+        port = free_port()
+        return bench(
+            "vllm", start_vllm(port, model_path, workdir / "vllm.log"), f"http://127.0.0.1:{port}", "/health",
+            workdir / "vllm.log", levels=options.concurrency, key=None, **client,
+        )  # fmt: skip
 
-    print(f"\nrandom 128 in / 64 out, {options.prompts} prompts per level; logs in {workdir}")
+    def run_hermes() -> dict[str, Any]:
+        port = free_port()
+        return bench(
+            "hermes", start_hermes(port, key, workdir, workdir / "hermes.log"), f"http://127.0.0.1:{port}", "/readyz",
+            workdir / "hermes.log", levels=options.concurrency, key=key, **client,
+        )  # fmt: skip
+
+    if options.hermes_first:
+        hermes, vllm = run_hermes(), run_vllm()
+    else:
+        vllm, hermes = run_vllm(), run_hermes()
+
+    order = "hermes, then vLLM" if options.hermes_first else "vLLM, then hermes"
+    print(f"\nrandom 128 in / 64 out, {options.prompts} prompts per level, {order}; logs in {workdir}")
     print(f"{'conc':>4} | {'vLLM tok/s':>10} {'hermes tok/s':>12} {'ratio':>6} | "
           f"{'TTFT p50 ms':>16} | {'TPOT p50 ms':>16}")  # fmt: skip
     for level in options.concurrency:
