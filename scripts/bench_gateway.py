@@ -95,14 +95,15 @@ def summary(samples: list[float]) -> tuple[float, float]:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--stream", action="store_true", help="stream 3 chunks instead of one JSON body")
+    parser.add_argument("--stream", action="store_true", help="stream chunks instead of one JSON body")
+    parser.add_argument("--chunks", type=int, default=3, help="chunks per stream (per-token cost shows as the slope)")
     args = parser.parse_args()
-    engine = FakeEngine(delay_s=0.0, chunks=3)
+    engine = FakeEngine(delay_s=0.0, chunks=args.chunks)
     body = {**BODY, "stream": args.stream}
     direct = await measure(engine, args.requests, body)
     through = await measure(gateway_for(engine), args.requests, body)
     (d50, d99), (g50, g99) = summary(direct), summary(through)
-    print(f"requests: {args.requests} per arm, stream={args.stream}")
+    print(f"requests: {args.requests} per arm, stream={args.stream}, chunks={args.chunks if args.stream else 1}")
     print(f"fake engine alone : p50 {d50:8.1f} us   p99 {d99:8.1f} us")
     print(f"through gateway   : p50 {g50:8.1f} us   p99 {g99:8.1f} us")
     print(f"gateway cost      : p50 {g50 - d50:8.1f} us per request ({g50 / d50:.1f}x the bare call)")
