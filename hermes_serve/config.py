@@ -127,9 +127,9 @@ def load_settings(environ: Mapping[str, str], cwd: Path | None = None) -> Settin
         raise SettingsError(f"config file not found: {path}")
     # Same precedence as BentoML: file < BENTOML_CONFIG_OVERRIDES < BENTOML_CONFIG_OPTIONS; ours last.
     for overrides in _bentoml_overrides(environ):
-        if not isinstance(document, dict):
-            document = {}
-        _deep_merge(document, overrides)
+        document = {} if document is None else document
+        if isinstance(document, dict):  # anything else is refused by service_section below
+            _deep_merge(document, overrides)
     raw = service_section(document, str(path))
     _overlay_environment(raw, environ)
     settings = parse_settings(raw, origin=str(path))
@@ -152,7 +152,7 @@ def service_section(document: Any, origin: str) -> dict[str, Any]:
 def _check_gpu_reservation(settings: Settings, document: Any, origin: str) -> None:
     # BentoML reserves resources.gpu devices for the worker; vLLM shards over
     # tensor_parallel_size of them. A mismatch fails late and obscurely inside vLLM.
-    resources = ((document or {}).get("services") or {}).get(SERVICE_NAME, {}).get("resources") or {}
+    resources = (((document or {}).get("services") or {}).get(SERVICE_NAME) or {}).get("resources") or {}
     gpus = resources.get("gpu") if isinstance(resources, dict) else None
     if settings.device == "gpu" and gpus is not None and gpus != settings.model.tensor_parallel_size:
         raise SettingsError(
@@ -184,11 +184,7 @@ def _bentoml_overrides(environ: Mapping[str, str]) -> list[Any]:
         document: dict[str, Any] = {}
         for option in shlex.split(environ["BENTOML_CONFIG_OPTIONS"]):
             dotted, _, value = option.partition("=")
-            *parents, leaf = dotted.split(".")
-            node = document
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(value)
+            _set_path(document, dotted.split("."), yaml.safe_load(value), "BENTOML_CONFIG_OPTIONS")
         documents.append(document)
     return documents
 
@@ -208,12 +204,16 @@ def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> Non
         path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTING)
         if path[0] not in Settings.model_fields:
             continue  # another tool's HERMES_* variable, not a setting
-        node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SettingsError(f"{name}: {part} is not a section")
-        node[path[-1]] = _env_value(value)
+        _set_path(raw, path, _env_value(value), name)
+
+
+def _set_path(document: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = document
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SettingsError(f"{origin}: {part} is not a section")
+    node[path[-1]] = value
 
 
 def _env_value(value: str) -> Any:
