@@ -130,15 +130,16 @@ def load_settings(environ: Mapping[str, str], cwd: Path | None = None) -> Settin
         document = {} if document is None else document
         if isinstance(document, dict):  # anything else is refused by service_section below
             _deep_merge(document, overrides)
-    raw = service_section(document, str(path))
+    section = service_section(document, str(path))
+    raw = {k: v for k, v in section.items() if k not in BENTOML_SERVICE_KEYS}
     _overlay_environment(raw, environ)
     settings = parse_settings(raw, origin=str(path))
-    _check_gpu_reservation(settings, document, str(path))
+    _check_gpu_reservation(settings, section.get("resources"), str(path))
     return settings
 
 
 def service_section(document: Any, origin: str) -> dict[str, Any]:
-    """Our keys from ``services.hermes``, without BentoML's."""
+    """``services.hermes``, whole: our keys beside BentoML's (``traffic``, ``resources``...)."""
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -146,13 +147,12 @@ def service_section(document: Any, origin: str) -> dict[str, Any]:
     section = (document.get("services") or {}).get(SERVICE_NAME) or {}
     if not isinstance(section, dict):
         raise SettingsError(f"{origin}: {SECTION} must be a mapping")
-    return {k: v for k, v in section.items() if k not in BENTOML_SERVICE_KEYS}
+    return section
 
 
-def _check_gpu_reservation(settings: Settings, document: Any, origin: str) -> None:
+def _check_gpu_reservation(settings: Settings, resources: Any, origin: str) -> None:
     # BentoML reserves resources.gpu devices for the worker; vLLM shards over
     # tensor_parallel_size of them. A mismatch fails late and obscurely inside vLLM.
-    resources = (((document or {}).get("services") or {}).get(SERVICE_NAME) or {}).get("resources") or {}
     gpus = resources.get("gpu") if isinstance(resources, dict) else None
     if settings.device == "gpu" and gpus is not None and gpus != settings.model.tensor_parallel_size:
         raise SettingsError(

@@ -32,16 +32,9 @@ sys.path.insert(0, str(REPO))
 from hermes_serve.config import load_settings  # noqa: E402
 from hermes_serve.engine import engine_cli_args, engine_environment  # noqa: E402
 from hermes_serve.models import resolve_model_path  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_vllm(port: int, model_path: str, log: Path) -> subprocess.Popen[bytes]:
