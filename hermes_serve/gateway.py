@@ -176,7 +176,10 @@ class Gateway:
         finally:
             gone.cancel()
         if work.done():
-            return work.result()  # re-raises the queue's 503/504 and anything unexpected
+            refusal = work.exception()
+            if isinstance(refusal, OpenAIError):  # the queue's 503 (full) or 504 (waited too long)
+                self._metrics.rejections.labels(principal.name, refusal.code or "error").inc()
+            return work.result()  # re-raises that, or anything unexpected
         await ex.abandon(work)
         if ex.disconnected.is_set():
             ex.outcome = "client_gone"

@@ -27,7 +27,9 @@ import yaml
 from tests.conftest import REPO, free_port
 
 READY_TIMEOUT_S = float(os.environ.get("HERMES_TEST_READY_TIMEOUT", "900"))
-QUEUE_TIMEOUT_S = 4
+# Long enough that a busy 2-core machine surely sends the third request while the second
+# still waits.
+QUEUE_TIMEOUT_S = 10
 REQUEST_TIMEOUT_S = 25
 SERVED_NAME = "smollm2-135m-instruct"
 
@@ -95,11 +97,23 @@ def _write_config(path: Path, keys: dict[str, str], redis_url: str) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-def _start(config: Path, log: Path, keys: dict[str, str]) -> Server:
+def _start(config: Path, workdir: Path, keys: dict[str, str]) -> Server:
+    """``bentoml serve`` with a BentoML home of its own, sharing the model store.
+
+    ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, and
+    every server of one home writes its metrics there: two servers of one home would wipe and
+    then sum each other's ``/metrics``, which these tests read.
+    """
     port = free_port()
+    home = workdir / "bentoml"
+    home.mkdir(parents=True)
+    (home / "models").symlink_to(Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser() / "models")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
-    env.update(HERMES_CONFIG=str(config), BENTOML_CONFIG=str(config), BENTOML_DO_NOT_TRACK="true")
+    env.update(
+        HERMES_CONFIG=str(config), BENTOML_CONFIG=str(config), BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true"
+    )
     bentoml = Path(sys.executable).with_name("bentoml")
+    log = workdir / "server.log"
     process = subprocess.Popen(
         [str(bentoml), "serve", "service:HermesService", "--port", str(port), "--host", "127.0.0.1"],
         cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -137,7 +151,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
     keys = {name: "hs-test-" + secrets.token_urlsafe(16) for name in KEY_LIMITS}
     config = workdir / "configuration.yaml"
     _write_config(config, keys, redis_url)
-    started = [_start(config, workdir / f"server-{i}.log", keys) for i in range(2)]
+    started = [_start(config, workdir / f"server-{i}", keys) for i in range(2)]
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for server in started:

@@ -99,11 +99,11 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
         post("refused")
     refused, queued, running = results["refused"], results["queued"], results["running"]
 
-    assert refused.status_code == 503
+    assert refused.status_code == 503, refused.text
     assert _error(refused)["code"] == "server_overloaded"
     assert int(refused.headers["retry-after"]) >= 1
-    assert queued.status_code == 504 and _error(queued)["code"] == "queue_timeout"
-    assert running.status_code == 504 and _error(running)["code"] == "request_timeout"
+    assert queued.status_code == 504 and _error(queued)["code"] == "queue_timeout", queued.text
+    assert running.status_code == 504 and _error(running)["code"] == "request_timeout", running.text
     assert _wait_until(lambda: _engine_idle(server)), "engine request was not aborted"
 
 

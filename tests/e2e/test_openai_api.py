@@ -112,24 +112,68 @@ def test_stop_sequence_and_logprobs(client: openai.OpenAI) -> None:
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in choice.logprobs.content)
 
 
-def test_tools_request_is_answered(client: openai.OpenAI) -> None:
-    tools = [{
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "strict": True,  # the engine holds the arguments to the schema, so they end in time
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
         },
-    }]  # fmt: skip
+    },
+}
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tools_with_auto_choice_are_answered(client: openai.OpenAI) -> None:
+    # A 135M model may or may not call the tool; either answer must be well formed.
     reply = client.chat.completions.create(
-        model=SERVED_NAME, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=tools, tool_choice="auto", max_tokens=60, temperature=0,
-    )  # fmt: skip
+        model=SERVED_NAME, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=60, temperature=0
+    )
     choice = reply.choices[0]
     assert choice.finish_reason in {"stop", "length", "tool_calls"}
     for call in choice.message.tool_calls or []:
         assert call.function.name == "get_weather"
         json.loads(call.function.arguments)
+
+
+def test_required_tool_call_is_parsed_by_the_hermes_parser(client: openai.OpenAI) -> None:
+    """tool_choice=required makes the engine emit a Hermes <tool_call> block, which the
+    Hermes parser turns into OpenAI tool_calls."""
+    reply = client.chat.completions.create(
+        model=SERVED_NAME, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+    assert "<tool_call>" not in (choice.message.content or "")
+
+
+def test_streamed_tool_call_deltas_join_to_the_same_call(client: openai.OpenAI) -> None:
+    request = {
+        "model": SERVED_NAME, "messages": WEATHER, "tools": [WEATHER_TOOL], "tool_choice": "required",
+        "max_tokens": 100, "temperature": 0,
+    }  # fmt: skip
+    whole = client.chat.completions.create(**request).choices[0].message.tool_calls[0]
+    name, arguments, finish = "", "", None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                assert delta.index == 0
+                name += delta.function.name or ""
+                arguments += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert name == whole.function.name
+    assert json.loads(arguments) == json.loads(whole.function.arguments)
 
 
 def test_unknown_model_is_404_in_openai_shape(server: Server) -> None:

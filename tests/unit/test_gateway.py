@@ -87,7 +87,9 @@ async def call(
     return Reply(start.get("status", 0), headers_out, b"".join(chunks), chunks)
 
 
-def build(engine: FakeEngine | None = None, **overrides: Any) -> tuple[Gateway, FakeEngine, Settings]:
+def build(
+    engine: FakeEngine | None = None, *, registry: CollectorRegistry | None = None, **overrides: Any
+) -> tuple[Gateway, FakeEngine, Settings]:
     config: dict[str, Any] = {
         "auth": {"keys": [{"name": "team", "sha256": hash_key(KEY), "requests_per_minute": 100, "tokens_per_minute": 100000}]},
         "admission": {"max_concurrency": 1, "max_queue": 1, "queue_timeout_s": 0.2, "request_timeout_s": 1.0},
@@ -102,7 +104,7 @@ def build(engine: FakeEngine | None = None, **overrides: Any) -> tuple[Gateway, 
         KeyRing.from_settings(settings.auth, {}),
         RateLimits("memory://"),
         AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue),
-        GatewayMetrics(CollectorRegistry()),
+        GatewayMetrics(registry or CollectorRegistry()),
     )
     gateway.attach(engine, ready=lambda: True)
     return gateway, engine, settings
@@ -188,7 +190,8 @@ async def test_stream_usage_event_is_hidden_unless_asked_and_tokens_are_charged(
 
 
 async def test_queue_full_is_503_and_queue_wait_is_504() -> None:
-    gateway, engine, _ = build(FakeEngine(delay_s=0.2))
+    registry = CollectorRegistry()
+    gateway, engine, _ = build(FakeEngine(delay_s=0.2), registry=registry)
     running = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
     await asyncio.sleep(0.05)
     queued = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
@@ -198,6 +201,8 @@ async def test_queue_full_is_503_and_queue_wait_is_504() -> None:
     assert int(refused.headers["retry-after"]) >= 1
     assert (await queued).status == 504 and (await queued).error["code"] == "queue_timeout"
     assert (await running).status == 200
+    for reason in ("server_overloaded", "queue_timeout"):
+        assert registry.get_sample_value("hermes_rejections_total", {"key": "team", "reason": reason}) == 1
 
 
 async def test_request_timeout_before_first_byte_is_504_and_aborts() -> None:
