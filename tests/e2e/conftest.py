@@ -97,7 +97,19 @@ def _write_config(path: Path, keys: dict[str, str], redis_url: str) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-def _start(config: Path, workdir: Path, keys: dict[str, str]) -> Server:
+def _cpu_share(index: int, shares: int) -> str:
+    """This process's CPUs split into ``shares`` disjoint sets, as vLLM's CPU bind list ("0,1").
+
+    vLLM's automatic binding pins every engine on a host to the same cores; two test servers
+    would then compile and run on one core while the other idles.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    size = max(1, len(cpus) // shares)
+    mine = cpus[index * size : (index + 1) * size] or cpus[-size:]
+    return ",".join(map(str, mine))
+
+
+def _start(config: Path, workdir: Path, keys: dict[str, str], cpus: str) -> Server:
     """``bentoml serve`` with a BentoML home of its own, sharing the model store.
 
     ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, and
@@ -110,8 +122,9 @@ def _start(config: Path, workdir: Path, keys: dict[str, str]) -> Server:
     (home / "models").symlink_to(Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser() / "models")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
     env.update(
-        HERMES_CONFIG=str(config), BENTOML_CONFIG=str(config), BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true"
-    )
+        HERMES_CONFIG=str(config), BENTOML_CONFIG=str(config), BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true",
+        VLLM_CPU_OMP_THREADS_BIND=cpus,
+    )  # fmt: skip
     bentoml = Path(sys.executable).with_name("bentoml")
     log = workdir / "server.log"
     process = subprocess.Popen(
@@ -151,7 +164,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
     keys = {name: "hs-test-" + secrets.token_urlsafe(16) for name in KEY_LIMITS}
     config = workdir / "configuration.yaml"
     _write_config(config, keys, redis_url)
-    started = [_start(config, workdir / f"server-{i}", keys) for i in range(2)]
+    started = [_start(config, workdir / f"server-{i}", keys, _cpu_share(i, 2)) for i in range(2)]
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for server in started:
