@@ -176,10 +176,11 @@ class Gateway:
         finally:
             gone.cancel()
         if work.done():
-            refusal = work.exception()
-            if isinstance(refusal, OpenAIError):  # the queue's 503 (full) or 504 (waited too long)
+            try:
+                return work.result()  # re-raises the queue's refusal and anything unexpected
+            except OpenAIError as refusal:  # 503 (queue full) or 504 (waited too long)
                 self._metrics.rejections.labels(principal.name, refusal.code or "error").inc()
-            return work.result()  # re-raises that, or anything unexpected
+                raise
         await ex.abandon(work)
         if ex.disconnected.is_set():
             ex.outcome = "client_gone"

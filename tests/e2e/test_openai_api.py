@@ -127,6 +127,10 @@ WEATHER_TOOL = {
     },
 }
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER_CALL_REQUIRED = {
+    "model": SERVED_NAME, "messages": WEATHER, "tools": [WEATHER_TOOL], "tool_choice": "required",
+    "max_tokens": 100, "temperature": 0,
+}  # fmt: skip
 
 
 def test_tools_with_auto_choice_are_answered(client: openai.OpenAI) -> None:
@@ -144,10 +148,7 @@ def test_tools_with_auto_choice_are_answered(client: openai.OpenAI) -> None:
 def test_required_tool_call_is_parsed_by_the_hermes_parser(client: openai.OpenAI) -> None:
     """tool_choice=required makes the engine emit a Hermes <tool_call> block, which the
     Hermes parser turns into OpenAI tool_calls."""
-    reply = client.chat.completions.create(
-        model=SERVED_NAME, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100, temperature=0
-    )
-    choice = reply.choices[0]
+    choice = client.chat.completions.create(**WEATHER_CALL_REQUIRED).choices[0]
     assert choice.finish_reason == "tool_calls", choice
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id
@@ -158,13 +159,9 @@ def test_required_tool_call_is_parsed_by_the_hermes_parser(client: openai.OpenAI
 
 
 def test_streamed_tool_call_deltas_join_to_the_same_call(client: openai.OpenAI) -> None:
-    request = {
-        "model": SERVED_NAME, "messages": WEATHER, "tools": [WEATHER_TOOL], "tool_choice": "required",
-        "max_tokens": 100, "temperature": 0,
-    }  # fmt: skip
-    whole = client.chat.completions.create(**request).choices[0].message.tool_calls[0]
+    whole = client.chat.completions.create(**WEATHER_CALL_REQUIRED).choices[0].message.tool_calls[0]
     name, arguments, finish = "", "", None
-    for chunk in client.chat.completions.create(**request, stream=True):
+    for chunk in client.chat.completions.create(**WEATHER_CALL_REQUIRED, stream=True):
         for choice in chunk.choices:
             for delta in choice.delta.tool_calls or []:
                 assert delta.index == 0
