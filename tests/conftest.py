@@ -1,4 +1,4 @@
-"""Fixtures shared by every tier: free ports and a real redis-server."""
+"""Fixtures shared by every tier: free ports, a real redis-server, the embedded model."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The embedded model's version directory in the user's BentoML store, which
+    ``./scripts/test`` fills before pytest starts, as the project's own command finds it."""
+    found = subprocess.run(
+        [sys.executable, "-m", "hermes_serve.models", "path", "smollm2-135m-instruct:latest"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    return Path(found)
 
 
 def free_port() -> int:

@@ -109,7 +109,7 @@ def _cpu_share(index: int, shares: int) -> str:
     return ",".join(map(str, mine))
 
 
-def _start(config: Path, workdir: Path, keys: dict[str, str], cpus: str) -> Server:
+def _start(config: Path, workdir: Path, keys: dict[str, str], models: Path, cpus: str) -> Server:
     """``bentoml serve`` with a BentoML home of its own, sharing the model store.
 
     ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, and
@@ -119,7 +119,7 @@ def _start(config: Path, workdir: Path, keys: dict[str, str], cpus: str) -> Serv
     port = free_port()
     home = workdir / "bentoml"
     home.mkdir(parents=True)
-    (home / "models").symlink_to(Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser() / "models")
+    (home / "models").symlink_to(models)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
     env.update(
         HERMES_CONFIG=str(config), BENTOML_CONFIG=str(config), BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true",
@@ -159,12 +159,15 @@ def _stop(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[tuple[Server, Server]]:
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, embedded_model_dir: Path
+) -> Iterator[tuple[Server, Server]]:
     workdir = tmp_path_factory.mktemp("e2e")
     keys = {name: "hs-test-" + secrets.token_urlsafe(16) for name in KEY_LIMITS}
     config = workdir / "configuration.yaml"
     _write_config(config, keys, redis_url)
-    started = [_start(config, workdir / f"server-{i}", keys, _cpu_share(i, 2)) for i in range(2)]
+    models = embedded_model_dir.parents[1]  # the user's store, shared by both servers' homes
+    started = [_start(config, workdir / f"server-{i}", keys, models, _cpu_share(i, 2)) for i in range(2)]
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for server in started:

@@ -32,15 +32,11 @@ def build(env: dict[str, str], bentofile: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cpu_bento(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cpu_bento(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
     """The real embedded model, copied from the user's store into a private one."""
     env = store_home(tmp_path_factory.mktemp("cpu"))
-    source = subprocess.run(
-        [sys.executable, "-m", "hermes_serve.models", "path", "smollm2-135m-instruct:latest"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    model_dir = Path(source)
-    shutil.copytree(model_dir.parent, Path(env["BENTOML_HOME"]) / "models" / model_dir.parent.name)
+    model = embedded_model_dir.parent
+    shutil.copytree(model, Path(env["BENTOML_HOME"]) / "models" / model.name)
     return build(env, "bentofile.cpu.yaml")
 
 
