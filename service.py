@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Any, cast
 
 import bentoml
 from starlette.applications import Starlette
@@ -85,4 +86,5 @@ class HermesService:
         return self.engine is not None and self.engine.ready
 
 
-HermesService.add_asgi_middleware(MetricsGuard, gateway=lambda: front.app)
+# The decorator made HermesService a bentoml.Service; its stubs still say "class".
+cast("bentoml.Service[Any]", HermesService).add_asgi_middleware(MetricsGuard, gateway=lambda: front.app)

@@ -45,7 +45,7 @@ class FairQueue:
         self._size += 1
 
     def remove(self, waiter: Waiter) -> bool:
-        keys = self._levels.get(waiter.priority, {})
+        keys: dict[str, deque[Waiter]] = self._levels.get(waiter.priority, {})
         line = keys.get(waiter.key)
         if line is None or waiter not in line:
             return False
@@ -136,7 +136,7 @@ class AdmissionQueue:
         started = self._clock()
         try:
             await asyncio.wait_for(asyncio.shield(waiter.granted), timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except (TimeoutError, asyncio.CancelledError) as exc:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 self._release(waiter.key)  # granted at the last moment: hand it on
             else:

@@ -10,8 +10,8 @@ import hmac
 import logging
 import secrets
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .config import ApiKey, AuthSettings
 
@@ -29,7 +29,7 @@ class Principal:
     priority: int = 0
 
     @classmethod
-    def of(cls, key: ApiKey) -> "Principal":
+    def of(cls, key: ApiKey) -> Principal:
         return cls(key.name, key.requests_per_minute, key.tokens_per_minute, key.max_concurrency, key.priority)
 
 
@@ -63,7 +63,7 @@ class KeyRing:
         """Set when no key was configured: printed once at start-up, the only key accepted."""
 
     @classmethod
-    def from_settings(cls, auth: AuthSettings, environ: Mapping[str, str]) -> "KeyRing":
+    def from_settings(cls, auth: AuthSettings, environ: Mapping[str, str]) -> KeyRing:
         if not auth.enabled:
             return cls([], enabled=False)
         entries = []

@@ -1,5 +1,6 @@
-"""Settings: read once at start-up from ``configuration.yaml`` and ``HERMES_*`` environment
-variables, validated into one frozen pydantic object.
+"""Settings: read once at start-up from ``configuration.yaml``, BentoML's override variables
+and ``HERMES_*`` environment variables (read by pydantic-settings), validated into one frozen
+pydantic object.
 
 The file is BentoML's own configuration file. BentoML accepts nothing of ours at its top
 level, but passes unknown keys of a service's section through, so our settings sit beside
@@ -12,20 +13,43 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource
+from pydantic_settings import SettingsError as PydanticSettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 SERVICE_NAME = "hermes"
 SECTION = f"services.{SERVICE_NAME}"
 # BentoML's own keys in a service's section (its v2 configuration schema): left to BentoML.
-BENTOML_SERVICE_KEYS = frozenset({
-    "name", "batching", "resources", "extra_ports", "replicate_process", "workers", "threads",
-    "traffic", "backlog", "max_runner_connections", "runner_connection", "metrics", "logging",
-    "http", "grpc", "ssl", "runner_probe", "monitoring", "tracing", "envs",
-})  # fmt: skip
+BENTOML_SERVICE_KEYS = frozenset(
+    [
+        "name",
+        "batching",
+        "resources",
+        "extra_ports",
+        "replicate_process",
+        "workers",
+        "threads",
+        "traffic",
+        "backlog",
+        "max_runner_connections",
+        "runner_connection",
+        "metrics",
+        "logging",
+        "http",
+        "grpc",
+        "ssl",
+        "runner_probe",
+        "monitoring",
+        "tracing",
+        "envs",
+    ]
+)
 ENV_PREFIX = "HERMES_"
 ENV_NESTING = "__"
 CONFIG_PATH_VARS = ("HERMES_CONFIG", "BENTOML_CONFIG")
@@ -66,7 +90,7 @@ class ApiKey(_Section):
     """Higher is served first when the queue has a choice."""
 
     @model_validator(mode="after")
-    def _one_secret(self) -> "ApiKey":
+    def _one_secret(self) -> ApiKey:
         if (self.sha256 is None) == (self.key_env is None):
             raise ValueError("give exactly one of 'sha256' or 'key_env'")
         return self
@@ -78,7 +102,7 @@ class AuthSettings(_Section):
     metrics_require_key: bool = False
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "AuthSettings":
+    def _unique_names(self) -> AuthSettings:
         names = [k.name for k in self.keys]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -165,10 +189,7 @@ def parse_settings(raw: Mapping[str, Any], origin: str = "<settings>") -> Settin
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{SECTION}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(f"{SECTION}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise SettingsError(f"invalid configuration in {origin}: {problems}") from None
 
 
@@ -197,14 +218,29 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:
             base[key] = value
 
 
+class _EnvironOverlay(EnvSettingsSource):
+    """pydantic-settings' reading of ``HERMES_A__B=...`` (nesting, JSON for lists and
+    mappings), over the mapping it is given instead of ``os.environ``."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        # It reads only the fields and config of the class, which any pydantic model has; a
+        # BaseSettings would also read os.environ whenever it is built, tests included.
+        settings_cls = cast(type[BaseSettings], Settings)
+        super().__init__(settings_cls, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTING, case_sensitive=False)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
 def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in CONFIG_PATH_VARS:
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTING)
-        if path[0] not in Settings.model_fields:
-            continue  # another tool's HERMES_* variable, not a setting
-        _set_path(raw, path, _env_value(value), name)
+    # Applied last, after the file and BentoML's overrides: pydantic-settings would rank its
+    # sources itself, but BentoML's override variables are not among them.
+    try:
+        overrides = _EnvironOverlay(environ)()
+    except PydanticSettingsError as exc:
+        raise SettingsError(f"{ENV_PREFIX}* environment: {exc}") from None
+    _deep_merge(raw, overrides)
 
 
 def _set_path(document: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
@@ -214,16 +250,6 @@ def _set_path(document: dict[str, Any], path: list[str], value: Any, origin: str
         if not isinstance(node, dict):
             raise SettingsError(f"{origin}: {part} is not a section")
     node[path[-1]] = value
-
-
-def _env_value(value: str) -> Any:
-    # Lists and mappings (keys, engine_args) come as JSON; scalars stay strings for pydantic.
-    if value[:1] in "[{":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            pass
-    return value
 
 
 def env_var_for(dotted_key: str) -> str:
@@ -249,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(answers.get(command, f"unknown command {command!r}; one of {sorted(answers)}"))
     return 0 if command in answers else 2
-    return 0
 
 
 if __name__ == "__main__":

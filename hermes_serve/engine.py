@@ -11,7 +11,8 @@ import contextlib
 import logging
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .config import Settings
 
@@ -23,17 +24,17 @@ WATCHDOG_INTERVAL_S = 1.0
 def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
     """The exact ``vllm serve`` arguments this service runs with (pure: unit-tested per profile)."""
     model = settings.model
-    args = [
-        "--model", model_path,
-        "--served-model-name", model.served_name,
-        "--dtype", model.dtype,
-        "--max-model-len", str(model.max_model_len),
-        "--tensor-parallel-size", str(model.tensor_parallel_size),
-        "--shutdown-timeout", str(model.shutdown_timeout_s),
-        # The gateway logs one line per request (never prompt text); vLLM's request log stays off.
-        "--disable-uvicorn-access-log",
-        "--disable-fastapi-docs",
-    ]  # fmt: skip
+    flags = {
+        "--model": model_path,
+        "--served-model-name": model.served_name,
+        "--dtype": model.dtype,
+        "--max-model-len": str(model.max_model_len),
+        "--tensor-parallel-size": str(model.tensor_parallel_size),
+        "--shutdown-timeout": str(model.shutdown_timeout_s),
+    }
+    args = [part for flag in flags.items() for part in flag]
+    # The gateway logs one line per request (never prompt text); vLLM's request log stays off.
+    args += ["--disable-uvicorn-access-log", "--disable-fastapi-docs"]
     if settings.device == "gpu":
         args += ["--gpu-memory-utilization", str(model.gpu_memory_utilization)]
     if model.tool_call_parser:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, MutableMapping
+from typing import Any
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from starlette.types import Send
 
 
 @dataclass(eq=False)  # not frozen: Python sets __traceback__ on raised exceptions
@@ -20,7 +17,7 @@ class OpenAIError(Exception):
     status: int
     message: str
     type: str = "invalid_request_error"
-    code: str | None = None
+    code: str | int | None = None
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -28,9 +25,7 @@ class OpenAIError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
-def error_body(
-    message: str, type: str, code: str | int | None = None, param: str | None = None
-) -> dict[str, Any]:
+def error_body(message: str, type: str, code: str | int | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -71,8 +66,7 @@ def invalid_api_key() -> OpenAIError:
 def rate_limited(what: str, limit: int, retry_after_s: int, key_name: str) -> OpenAIError:
     return OpenAIError(
         429,
-        f"Rate limit reached for key '{key_name}' on {what} per minute: limit {limit}. "
-        f"Try again in {retry_after_s}s.",
+        f"Rate limit reached for key '{key_name}' on {what} per minute: limit {limit}. Try again in {retry_after_s}s.",
         type=what,
         code="rate_limit_exceeded",
         headers={"Retry-After": str(retry_after_s)},
@@ -143,10 +137,13 @@ def bad_json(detail: str) -> OpenAIError:
     return OpenAIError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
 
 
+CLIENT_CLOSED_REQUEST = "client_closed_request"
+
+
 def client_closed_request() -> OpenAIError:
     # nginx's 499: logged and counted, though the client that left never reads it.
-    return OpenAIError(499, "The client closed the request before it was answered.", code="client_closed_request")
+    return OpenAIError(499, "The client closed the request before it was answered.", code=CLIENT_CLOSED_REQUEST)
 
 
-def internal_error() -> OpenAIError:
-    return OpenAIError(500, "Internal server error.", type="server_error", code="internal_error")
+def internal_error(status: int = 500) -> OpenAIError:
+    return OpenAIError(status, "Internal server error.", type="server_error", code="internal_error")

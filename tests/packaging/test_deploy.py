@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 from kubernetes_validate import validate
 
 from hermes_serve.config import load_settings
-from tests.conftest import REPO
+from tests.support.servers import REPO
 
 GPU = load_settings({"HERMES_CONFIG": str(REPO / "configuration.gpu.yaml")})
 
@@ -53,8 +52,11 @@ def test_compose_config_accepts_the_file() -> None:
     env = {**os.environ, "HERMES_API_KEY": "hs-example", "HERMES_GPUS": "2"}
     result = subprocess.run(
         [binary, "-f", "docker-compose.yml", "--profile", "shared-limits", "config"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)["services"]["hermes"]
     assert rendered["deploy"]["resources"]["reservations"]["devices"][0]["count"] in (2, "2")
@@ -62,9 +64,12 @@ def test_compose_config_accepts_the_file() -> None:
     settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.gpu.yaml"), **rendered["environment"]})
     assert settings.model.tensor_parallel_size == 2
     missing_key = subprocess.run(
-        [binary, "-f", "docker-compose.yml", "config"], cwd=REPO, capture_output=True, text=True,
+        [binary, "-f", "docker-compose.yml", "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         env={k: v for k, v in os.environ.items() if k != "HERMES_API_KEY"},
-    )  # fmt: skip
+    )
     assert missing_key.returncode != 0 and "HERMES_API_KEY" in missing_key.stderr
 
 

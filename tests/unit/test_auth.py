@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import yaml
 import pytest
+import yaml
 
 from hermes_serve import auth
 from hermes_serve.auth import ANONYMOUS, KeyRing, hash_key, key_stanza, new_key
@@ -15,10 +15,12 @@ def ring(keys: list[dict[str, object]], environ: dict[str, str] | None = None, e
 
 def test_bearer_key_finds_its_named_principal_with_limits() -> None:
     keys = {"app": new_key(), "svc": new_key()}
-    keyring = ring([
-        {"name": "app", "sha256": hash_key(keys["app"]), "requests_per_minute": 60, "priority": 2},
-        {"name": "svc", "sha256": hash_key(keys["svc"]), "tokens_per_minute": 1000, "max_concurrency": 4},
-    ])  # fmt: skip
+    keyring = ring(
+        [
+            {"name": "app", "sha256": hash_key(keys["app"]), "requests_per_minute": 60, "priority": 2},
+            {"name": "svc", "sha256": hash_key(keys["svc"]), "tokens_per_minute": 1000, "max_concurrency": 4},
+        ]
+    )
     app = keyring.authenticate(f"Bearer {keys['app']}")
     svc = keyring.authenticate(f"bearer {keys['svc']}")
     assert app is not None and (app.name, app.requests_per_minute, app.priority) == ("app", 60, 2)
@@ -33,7 +35,9 @@ def test_missing_malformed_or_wrong_key_is_refused(header: str | None) -> None:
 
 
 def test_disabled_keys_are_refused() -> None:
-    keyring = ring([{"name": "old", "sha256": hash_key("OLD"), "enabled": False}, {"name": "new", "sha256": hash_key("NEW")}])
+    keyring = ring(
+        [{"name": "old", "sha256": hash_key("OLD"), "enabled": False}, {"name": "new", "sha256": hash_key("NEW")}]
+    )
     assert keyring.authenticate("Bearer OLD") is None
     assert keyring.authenticate("Bearer NEW") is not None
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from hermes_serve.config import (
     Settings,
@@ -57,7 +59,7 @@ def test_bentoml_override_variables_reach_our_section_before_hermes_variables(tm
     environ = write(tmp_path, "{admission: {max_queue: 5, max_concurrency: 4}, model: {max_model_len: 512}}")
     environ |= {
         "BENTOML_CONFIG_OVERRIDES": '{"services": {"hermes": {"admission": {"max_queue": 7}, "traffic": {"timeout": 9}}}}',
-        "BENTOML_CONFIG_OPTIONS": "services.hermes.admission.max_queue=9 services.hermes.model.served_name=\"my model\"",
+        "BENTOML_CONFIG_OPTIONS": 'services.hermes.admission.max_queue=9 services.hermes.model.served_name="my model"',
         "HERMES_MODEL__MAX_MODEL_LEN": "1024",
     }
     settings = load_settings(environ, cwd=tmp_path)
@@ -73,7 +75,7 @@ def test_gpu_reservation_follows_overrides_too(tmp_path: Path) -> None:
     environ |= {"BENTOML_CONFIG_OPTIONS": "services.hermes.resources.gpu=2", "HERMES_MODEL__TENSOR_PARALLEL_SIZE": "2"}
     assert load_settings(environ, cwd=tmp_path).model.tensor_parallel_size == 2
     del environ["HERMES_MODEL__TENSOR_PARALLEL_SIZE"]
-    with pytest.raises(SettingsError, match="resources.gpu is 2"):
+    with pytest.raises(SettingsError, match=r"resources\.gpu is 2"):
         load_settings(environ, cwd=tmp_path)
 
 
@@ -89,10 +91,23 @@ def test_gpu_reservation_follows_overrides_too(tmp_path: Path) -> None:
         ("{auth: {keys: [{name: a, sha256: NOTHEX}]}}", "services.hermes.auth.keys.0.sha256"),
         ("{device: gpu, resources: {gpu: 2}, model: {tensor_parallel_size: 1}}", "services.hermes.resources.gpu is 2"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_value_names_its_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(SettingsError, match=named.replace(".", r"\.")):
         load_settings(write(tmp_path, text), cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("HERMES_MODEL__NOPE", "1", "services.hermes.model.nope"),
+        ("HERMES_ADMISSION__MAX_QUEUE", "-1", "services.hermes.admission.max_queue"),
+        ("HERMES_AUTH__KEYS", "[not json", "HERMES_* environment"),
+    ],
+)
+def test_a_bad_environment_variable_names_its_key(tmp_path: Path, variable: str, value: str, named: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(named)):
+        load_settings({**write(tmp_path, "{}"), variable: value}, cwd=tmp_path)
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
@@ -121,5 +136,5 @@ def test_env_var_names() -> None:
 
 def test_settings_are_frozen() -> None:
     settings = parse_settings({})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         settings.device = "gpu"  # type: ignore[misc]

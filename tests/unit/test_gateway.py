@@ -4,94 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from hermes_serve.admission import AdmissionQueue
+from hermes_serve.apis import CHAT as CHAT_API
 from hermes_serve.auth import KeyRing, hash_key
 from hermes_serve.config import Settings, parse_settings
 from hermes_serve.gateway import Gateway, MetricsGuard
 from hermes_serve.limits import RateLimits
 from hermes_serve.metrics import GatewayMetrics
-from hermes_serve.usage import estimate_prompt_tokens, estimate_tokens
-from tests.unit.fake_engine import USAGE, FakeEngine
+from tests.support import asgi
+from tests.support.asgi import Reply
+from tests.support.fake_engine import USAGE, FakeEngine
 
 KEY = "hs-unit-test-key"
 CHAT = "/v1/chat/completions"
 HELLO = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    chunks: list[bytes] = field(default_factory=list)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def error(self) -> dict[str, Any]:
-        body = self.json()
-        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-        return body["error"]
-
-
-async def call(
-    app: Gateway,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    raw: bytes | None = None,
-    key: str | None = KEY,
-    disconnect_after_s: float | None = None,
-) -> Reply:
-    """Drive the ASGI app as a server would, optionally disconnecting mid-request."""
-    payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    if key:
-        headers.append((b"authorization", f"Bearer {key}".encode()))
-    scope = {"type": "http", "method": method, "path": path, "headers": headers, "query_string": b""}
-    delivered = False
-    response_done = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-        if disconnect_after_s is not None:
-            await asyncio.sleep(disconnect_after_s)
-        else:
-            await response_done.wait()
-        return {"type": "http.disconnect"}
-
-    start: dict[str, Any] = {}
-    chunks: list[bytes] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            start.update(message)
-        else:
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                response_done.set()
-
-    await app(scope, receive, send)
-    headers_out = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}
-    return Reply(start.get("status", 0), headers_out, b"".join(chunks), chunks)
+async def call(app: Any, method: str, path: str, body: Any = None, *, key: str | None = KEY, **options: Any) -> Reply:
+    return await asgi.call(app, method, path, body, key=key, **options)
 
 
 def build(
     engine: FakeEngine | None = None, *, registry: CollectorRegistry | None = None, **overrides: Any
 ) -> tuple[Gateway, FakeEngine, Settings]:
     config: dict[str, Any] = {
-        "auth": {"keys": [{"name": "team", "sha256": hash_key(KEY), "requests_per_minute": 100, "tokens_per_minute": 100000}]},
+        "auth": {
+            "keys": [{"name": "team", "sha256": hash_key(KEY), "requests_per_minute": 100, "tokens_per_minute": 100000}]
+        },
         "admission": {"max_concurrency": 1, "max_queue": 1, "queue_timeout_s": 0.2, "request_timeout_s": 1.0},
         "server": {"max_body_bytes": 2048},
     }
@@ -111,7 +55,7 @@ def build(
 
 
 async def test_answers_and_sets_rate_limit_headers() -> None:
-    gateway, engine, _ = build()
+    gateway, _, _ = build()
     reply = await call(gateway, "POST", CHAT, HELLO)
     assert reply.status == 200 and reply.json()["usage"] == USAGE
     assert reply.headers["x-ratelimit-limit-requests"] == "100"
@@ -140,8 +84,10 @@ async def test_missing_or_wrong_key_is_401(key: str | None) -> None:
         ("POST", CHAT, {"raw": b"x" * 4096}, 413, "request_too_large"),
         ("POST", CHAT, {"body": {"model": "fake", "messages": [{"role": "wizard", "content": "x"}]}}, 400, None),
     ],
-)  # fmt: skip
-async def test_bad_requests_get_openai_errors(method: str, path: str, kwargs: dict[str, Any], status: int, code: str | None) -> None:
+)
+async def test_bad_requests_get_openai_errors(
+    method: str, path: str, kwargs: dict[str, Any], status: int, code: str | None
+) -> None:
     gateway, engine, _ = build()
     reply = await call(gateway, method, path, **kwargs)
     assert reply.status == status
@@ -169,7 +115,10 @@ async def test_engine_errors_leave_in_openai_shape(model: str, status: int, mess
 
 async def test_health_follows_engine_readiness() -> None:
     gateway, _, settings = build()
-    assert (await call(gateway, "GET", "/health", key=None)).json() == {"status": "ok", "model": settings.model.served_name}
+    assert (await call(gateway, "GET", "/health", key=None)).json() == {
+        "status": "ok",
+        "model": settings.model.served_name,
+    }
     gateway.attach(FakeEngine(), ready=lambda: False)
     assert (await call(gateway, "GET", "/health", key=None)).status == 503
     reply = await call(gateway, "POST", CHAT, HELLO)
@@ -185,13 +134,13 @@ async def test_stream_usage_event_is_hidden_unless_asked_and_tokens_are_charged(
     assert b'"usage":{' in shown.body
     # Two streams were charged their real usage; this request's estimate is reserved.
     after = await call(gateway, "POST", CHAT, HELLO)
-    expected = 1000 - 2 * USAGE["total_tokens"] - estimate_tokens(HELLO, 2048)
+    expected = 1000 - 2 * USAGE["total_tokens"] - CHAT_API.estimate(HELLO, 2048)
     assert after.headers["x-ratelimit-remaining-tokens"] == str(expected)
 
 
 async def test_queue_full_is_503_and_queue_wait_is_504() -> None:
     registry = CollectorRegistry()
-    gateway, engine, _ = build(FakeEngine(delay_s=0.2), registry=registry)
+    gateway, _, _ = build(FakeEngine(delay_s=0.2), registry=registry)
     running = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
     await asyncio.sleep(0.05)
     queued = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
@@ -218,7 +167,7 @@ async def test_request_timeout_mid_stream_sends_an_error_frame_and_aborts() -> N
     assert reply.status == 200
     frames = reply.body.decode().strip().split("\n\n")
     assert frames[0].startswith('data: {"choices"')
-    assert json.loads(frames[-2][len("data: "):])["error"]["code"] == "request_timeout"
+    assert json.loads(frames[-2][len("data: ") :])["error"]["code"] == "request_timeout"
     assert frames[-1] == "data: [DONE]"
     assert engine.cancelled == 1
 
@@ -235,14 +184,16 @@ async def test_client_disconnect_aborts_the_engine_request(stream: bool) -> None
 
 async def test_a_stream_cut_short_is_charged_its_prompt_and_streamed_tokens() -> None:
     keys = [{"name": "team", "sha256": hash_key(KEY), "tokens_per_minute": 10000}]
-    gateway, engine, _ = build(FakeEngine(delay_s=0.05, chunks=40), auth={"keys": keys}, admission={"request_timeout_s": 30})
+    gateway, engine, _ = build(
+        FakeEngine(delay_s=0.05, chunks=40), auth={"keys": keys}, admission={"request_timeout_s": 30}
+    )
     body = {**HELLO, "stream": True}
     cut = await call(gateway, "POST", CHAT, body, disconnect_after_s=0.28)
     streamed = cut.body.count(b"data: ")
     assert engine.cancelled == 1 and 3 <= streamed < 40
     after = await call(gateway, "POST", CHAT, HELLO)
-    charged = estimate_prompt_tokens(body, 2048) + streamed
-    assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - charged - estimate_tokens(HELLO, 2048))
+    charged = CHAT_API.prompt_tokens(body, 2048) + streamed
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - charged - CHAT_API.estimate(HELLO, 2048))
 
 
 async def test_client_disconnect_while_queued_frees_the_place() -> None:
@@ -272,7 +223,9 @@ async def test_non_generation_routes_need_a_key_and_pass_through() -> None:
     assert (await call(gateway, "GET", "/v1/models")).json()["data"][0]["id"] == "fake"
 
 
-@pytest.mark.parametrize(("required", "key", "status"), [(False, None, 200), (True, None, 401), (True, KEY, 200), (True, "hs-bad", 401)])
+@pytest.mark.parametrize(
+    ("required", "key", "status"), [(False, None, 200), (True, None, 401), (True, KEY, 200), (True, "hs-bad", 401)]
+)
 async def test_metrics_guard(required: bool, key: str | None, status: int) -> None:
     gateway, _, _ = build(auth={"metrics_require_key": required})
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import types
 
+import limits.aio.storage.memory as memory_storage
 import pytest
 
-import limits.aio.storage.memory as memory_storage
 from hermes_serve.auth import Principal
 from hermes_serve.errors import OpenAIError
 from hermes_serve.limits import RateLimits, openai_duration
@@ -96,7 +96,15 @@ async def test_unlimited_keys_get_no_headers(clock: FakeTime) -> None:
 
 
 def test_openai_duration_format() -> None:
-    assert [openai_duration(s) for s in (0.02, 1, 6, 59.2, 60, 65, 360)] == ["20ms", "1s", "6s", "1m0s", "1m0s", "1m5s", "6m0s"]
+    assert [openai_duration(s) for s in (0.02, 1, 6, 59.2, 60, 65, 360)] == [
+        "20ms",
+        "1s",
+        "6s",
+        "1m0s",
+        "1m0s",
+        "1m5s",
+        "6m0s",
+    ]
 
 
 async def test_two_processes_over_one_redis_share_budget_and_reservations(redis_url: str) -> None:

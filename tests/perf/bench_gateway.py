@@ -1,7 +1,7 @@
 """Per-request cost of the gateway (auth + body + limits + admission + accounting), measured
 side by side against calling the same instant fake engine directly, in one run.
 
-    $(./scripts/setup)/bin/python scripts/bench_gateway.py [--requests 20000] [--stream]
+    ./scripts/bench gateway [--requests 20000] [--stream] [--chunks 64]
 
 Reports p50/p99 in microseconds per request and the gateway's added cost. No engine, no
 network: this isolates the gateway's own work, which happens once per request.
@@ -11,71 +11,59 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prometheus_client import CollectorRegistry
 
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-from hermes_serve.admission import AdmissionQueue  # noqa: E402
-from hermes_serve.auth import KeyRing, hash_key  # noqa: E402
-from hermes_serve.config import parse_settings  # noqa: E402
-from hermes_serve.gateway import Gateway  # noqa: E402
-from hermes_serve.limits import RateLimits  # noqa: E402
-from hermes_serve.metrics import GatewayMetrics  # noqa: E402
-from tests.unit.fake_engine import FakeEngine  # noqa: E402
+from hermes_serve.admission import AdmissionQueue
+from hermes_serve.auth import KeyRing, hash_key
+from hermes_serve.config import parse_settings
+from hermes_serve.gateway import Gateway
+from hermes_serve.limits import RateLimits
+from hermes_serve.metrics import GatewayMetrics
+from tests.support.asgi import call
+from tests.support.fake_engine import FakeEngine
 
 KEY = "hs-bench"
 BODY = {
     "model": "fake",
-    "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Tell me a joke " * 20}],
+    "messages": [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Tell me a joke " * 20},
+    ],
     "max_tokens": 64,
 }
 
 
-async def one(app: Any, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers, "query_string": b""}
-    sent = False
-    done = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            done.set()
-
-    await app(scope, receive, send)
-
-
 async def measure(app: Any, n: int, body: dict[str, Any]) -> list[float]:
-    payload = json.dumps(body).encode()
-    headers = [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")]
     for _ in range(min(1000, n)):
-        await one(app, payload, headers)  # warm-up
+        await call(app, "POST", "/v1/chat/completions", body, key=KEY)  # warm-up
     samples = []
     for _ in range(n):
         started = time.perf_counter_ns()
-        await one(app, payload, headers)
+        await call(app, "POST", "/v1/chat/completions", body, key=KEY)
         samples.append((time.perf_counter_ns() - started) / 1000)
     return samples
 
 
 def gateway_for(engine: FakeEngine) -> Gateway:
-    settings = parse_settings({
-        "auth": {"keys": [{"name": "bench", "sha256": hash_key(KEY), "requests_per_minute": 10**9, "tokens_per_minute": 10**12}]},
-        "admission": {"max_concurrency": 64, "max_queue": 50},
-    })  # fmt: skip
+    settings = parse_settings(
+        {
+            "auth": {
+                "keys": [
+                    {
+                        "name": "bench",
+                        "sha256": hash_key(KEY),
+                        "requests_per_minute": 10**9,
+                        "tokens_per_minute": 10**12,
+                    }
+                ]
+            },
+            "admission": {"max_concurrency": 64, "max_queue": 50},
+        }
+    )
     gateway = Gateway(
         settings,
         KeyRing.from_settings(settings.auth, {}),

@@ -1,0 +1,145 @@
+"""The generation APIs the gateway meters, as data: one adapter per API.
+
+An adapter says what a request must hold beyond what vLLM checks, how many tokens it may
+use (reserved before it runs), and where the engine reports what it really used: in a JSON
+answer, and in a stream, read by a ``Meter`` one event at a time. The gateway knows none of
+the APIs' field names. Adding an API is one adapter and one line in ``routes.ROUTES``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from . import errors
+
+BYTES_PER_TOKEN = 4  # a deliberate over-estimate of tokens for English-like text
+
+
+class Meter:
+    """What the engine reports one request used, read from its answer as it passes.
+
+    ``feed`` sees each stream chunk once (one SSE event: vLLM sends one per body message) and
+    says whether to pass it on; a few substring tests per chunk, no parsing but of the event
+    that carries usage.
+    """
+
+    token_event: ClassVar[bytes] = b"data: "
+    """What starts an event that carries (about) one generated token."""
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+        self.token_events = 0
+
+    def feed(self, chunk: bytes) -> bool:
+        self.token_events += chunk.count(self.token_event)
+        return True
+
+    def read_json(self, payload: bytes) -> None:
+        try:
+            answer = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(answer, dict):
+            self.tokens = self.total(answer.get("usage"))
+
+    @staticmethod
+    def total(usage: Any) -> int | None:
+        if not isinstance(usage, dict):
+            return None
+        total = usage.get("total_tokens")
+        return total if isinstance(total, int) else None
+
+
+class ChatMeter(Meter):
+    """vLLM's last chunk before ``[DONE]`` carries usage when asked: no choices, a usage object."""
+
+    def __init__(self, hide_usage_event: bool) -> None:
+        super().__init__()
+        self._hide = hide_usage_event
+
+    def feed(self, chunk: bytes) -> bool:
+        if b'"usage":{' in chunk and b'"choices":[]' in chunk and chunk.startswith(b"data: "):
+            self.read_json(chunk[len(b"data: ") :].strip())
+            if self.tokens is not None:
+                return not self._hide
+        return super().feed(chunk)
+
+
+class Api:
+    """A generation API: its request's prompt and output fields, and its usage."""
+
+    name: ClassVar[str]
+    prompt_fields: ClassVar[tuple[str, ...]]
+    output_fields: ClassVar[tuple[str, ...]]
+    """Where the request caps its output, first found wins."""
+    choices_field: ClassVar[str | None] = None
+
+    def validate(self, body: Any) -> None:
+        """The checks vLLM does not make; raise a 400 before admission."""
+        if not isinstance(body, dict):
+            raise errors.OpenAIError(400, "The request body must be a JSON object.", code="invalid_body")
+
+    def prompt_tokens(self, body: dict[str, Any], max_model_len: int) -> int:
+        prompt = [body[field] for field in self.prompt_fields if field in body]
+        size = len(json.dumps(prompt[0] if len(prompt) == 1 else prompt, ensure_ascii=False).encode())
+        return min(size // BYTES_PER_TOKEN + 1, max_model_len)
+
+    def estimate(self, body: dict[str, Any], max_model_len: int) -> int:
+        """Upper-bound guess of prompt + output tokens, reserved against the key's budgets."""
+        prompt = self.prompt_tokens(body, max_model_len)
+        output = next((body[f] for f in self.output_fields if body.get(f)), None)
+        if not isinstance(output, int) or isinstance(output, bool) or output <= 0:
+            output = max_model_len - prompt
+        choices = body.get(self.choices_field) if self.choices_field else None
+        if not isinstance(choices, int) or isinstance(choices, bool) or choices <= 0:
+            choices = 1
+        return prompt + max(output, 1) * choices
+
+    def meter(self, body: dict[str, Any]) -> Meter:
+        """The meter for this request's answer; may change ``body`` so the engine reports usage."""
+        return Meter()
+
+
+class ChatCompletions(Api):
+    name = "chat"
+    prompt_fields = ("messages",)
+    output_fields = ("max_completion_tokens", "max_tokens")
+    choices_field = "n"
+    roles = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+    def validate(self, body: Any) -> None:
+        super().validate(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise errors.OpenAIError(400, "'messages' must be a non-empty array.", param="messages")
+        for i, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in self.roles:
+                raise errors.OpenAIError(
+                    400,
+                    f"Invalid role {role!r} in messages[{i}]; expected one of {sorted(self.roles)}.",
+                    param=f"messages[{i}].role",
+                )
+
+    def meter(self, body: dict[str, Any]) -> Meter:
+        if not body.get("stream"):
+            return Meter()
+        # Ask vLLM for its usage chunk so tokens can be settled; hide it if the client did not.
+        options = body.get("stream_options")
+        client_asked = isinstance(options, dict) and bool(options.get("include_usage"))
+        if not client_asked:
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return ChatMeter(hide_usage_event=not client_asked)
+
+
+class Completions(ChatCompletions):
+    name = "completions"
+    prompt_fields = ("prompt",)
+
+    def validate(self, body: Any) -> None:
+        Api.validate(self, body)
+
+
+CHAT = ChatCompletions()
+COMPLETIONS = Completions()

@@ -1,0 +1,92 @@
+"""The client's side of one request: its headers, its body, and whether the client is still there.
+
+The gateway reads the body once (size-capped, parsed), may rewrite it, and hands the engine a
+``receive`` that replays it and then reports a disconnect when the client leaves or the
+gateway gives up: vLLM aborts a request exactly when its ``receive`` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import Message, Receive, Scope
+
+from . import errors
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request was read."""
+
+
+class Incoming:
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        """The client's own receive, for routes that pass the request through unread."""
+        self.headers = Headers(scope=scope)
+        self.path: str = scope["path"]
+        self.method: str = scope["method"]
+        self.disconnected = asyncio.Event()
+        self.delivered = False
+        """Whether the engine has read the body: from then on it may be generating."""
+        self._engine_cut_off = asyncio.Event()
+        self._body: bytes | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def read_json(self, limit: int) -> Any:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise errors.body_too_large(limit)
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected.set()
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            body = json.loads(b"".join(chunks))
+        except UnicodeDecodeError:
+            raise errors.bad_json("it is not valid UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise errors.bad_json(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
+        return body
+
+    def replace_body(self, body: Any) -> None:
+        """The body the engine reads instead of the client's."""
+        self._body = json.dumps(body, ensure_ascii=False).encode()
+        self.scope = {**self.scope}
+        headers = MutableHeaders(scope=self.scope)
+        headers["content-length"] = str(len(self._body))
+
+    async def engine_receive(self) -> Message:
+        if not self.delivered and self._body is not None:
+            self.delivered = True
+            return {"type": "http.request", "body": self._body, "more_body": False}
+        await self._engine_cut_off.wait()
+        return {"type": "http.disconnect"}
+
+    def cut_off(self) -> None:
+        """Show the engine its client leaving: vLLM aborts the request."""
+        self._engine_cut_off.set()
+
+    async def _watch_disconnect(self) -> None:
+        # The body is consumed; the next message the server sends is the disconnect.
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected.set()
+        self.cut_off()
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()

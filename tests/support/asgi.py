@@ -1,0 +1,76 @@
+"""Drive an ASGI app as a server would: one request in, the response collected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    chunks: list[bytes] = field(default_factory=list)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> dict[str, Any]:
+        """The OpenAI error object, checked to have exactly OpenAI's fields."""
+        body = self.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        return body["error"]
+
+
+async def call(
+    app: ASGIApp,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
+    disconnect_after_s: float | None = None,
+) -> Reply:
+    """One request; ``disconnect_after_s`` makes the client leave that long after sending it."""
+    payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if key:
+        raw_headers.append((b"authorization", f"Bearer {key}".encode()))
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "method": method, "path": path, "headers": raw_headers, "query_string": b""}
+    delivered = False
+    response_done = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        if disconnect_after_s is not None:
+            await asyncio.sleep(disconnect_after_s)
+        else:
+            await response_done.wait()
+        return {"type": "http.disconnect"}
+
+    start: dict[str, Any] = {}
+    chunks: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+        else:
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                response_done.set()
+
+    await app(scope, receive, send)
+    headers_out = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}
+    return Reply(start.get("status", 0), headers_out, b"".join(chunks), chunks)

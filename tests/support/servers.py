@@ -1,0 +1,154 @@
+"""Real `bentoml serve` processes for the e2e tier and the benchmarks: start, wait, read, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_share(index: int, shares: int) -> str:
+    """This process's CPUs split into ``shares`` disjoint sets, as vLLM's CPU bind list ("0,1").
+
+    vLLM's automatic binding pins every engine on a host to the same cores; two test servers
+    would then compile and run on one core while the other idles.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    size = max(1, len(cpus) // shares)
+    mine = cpus[index * size : (index + 1) * size] or cpus[-size:]
+    return ",".join(map(str, mine))
+
+
+def write_config(path: Path, section: dict[str, Any]) -> None:
+    """A BentoML configuration file whose ``services.hermes`` is ``section``."""
+    path.write_text(yaml.safe_dump({"services": {"hermes": {"traffic": {"timeout": 3600}, **section}}}))
+
+
+@dataclass
+class Server:
+    url: str
+    keys: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes]
+    config: Path | None = None
+    environment: dict[str, str] = field(default_factory=dict, repr=False)
+    ready_path: str = "/readyz"
+
+    def client(self, key: str = "tester", **options: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[key], max_retries=0, **options)
+
+    def http(self, key: str | None = "tester") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus series from /metrics over the label sets that match ``labels``."""
+        total = 0.0
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        for line in self.metrics_text().splitlines():
+            if line.startswith(name) and line[len(name)] in " {" and all(w in line for w in wanted):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start(
+    config: Path,
+    workdir: Path,
+    keys: dict[str, str],
+    *,
+    models: Path | None = None,
+    cpus: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> Server:
+    """``bentoml serve`` with a BentoML home of its own (sharing the model store ``models``).
+
+    ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, and
+    every server of one home writes its metrics there: two servers of one home would wipe and
+    then sum each other's ``/metrics``.
+    """
+    port = free_port()
+    home = workdir / "bentoml"
+    home.mkdir(parents=True, exist_ok=True)
+    if models is not None and not (home / "models").exists():
+        (home / "models").symlink_to(models)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    env.update(
+        HERMES_CONFIG=str(config), BENTOML_CONFIG=str(config), BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true"
+    )
+    if cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    env.update(environment or {})
+    log = workdir / "server.log"
+    process = subprocess.Popen(
+        [BENTOML, "serve", "service:HermesService", "--port", str(port), "--host", "127.0.0.1"],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return Server(f"http://127.0.0.1:{port}", keys, log, process, config, environment or {})
+
+
+class NotReady(Exception):
+    """The server exited, or was not ready in time; the message has its log's tail."""
+
+
+def wait_ready(server: Server, deadline: float) -> float:
+    """Wait for the server's readiness route; returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise NotReady(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.url + server.ready_path, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise NotReady(f"server not ready in time:\n{server.log_tail()}")
+
+
+def process_tree(server: Server) -> list[psutil.Process]:
+    root = psutil.Process(server.process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def stop(server: Server, timeout_s: float = 60) -> list[int]:
+    """SIGTERM as an operator would; returns the pids still alive after ``timeout_s`` (killed)."""
+    try:
+        tree = process_tree(server)
+    except psutil.NoSuchProcess:
+        return []
+    server.process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    for process in alive:
+        process.kill()
+    server.process.wait(timeout=10)
+    return [p.pid for p in alive]
