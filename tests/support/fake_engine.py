@@ -67,7 +67,13 @@ class FakeEngine:
         self.running += 1
         try:
             if body.get("stream"):
-                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+                    }
+                )
                 for frame in FRAMES[path](self, body):
                     if frame is None:
                         await asyncio.sleep(self.delay_s)
@@ -115,7 +121,11 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 
 
 def _chat_frames(engine: FakeEngine, body: dict[str, Any]) -> list[bytes | None]:
-    frames = [f for i in range(engine.chunks) for f in (DELAY, _data({"choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}))]
+    frames = [
+        f
+        for i in range(engine.chunks)
+        for f in (DELAY, _data({"choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}))
+    ]
     if (body.get("stream_options") or {}).get("include_usage"):
         frames.append(_data({"choices": [], "usage": USAGE}))
     return [*frames, b"data: [DONE]\n\n"]
@@ -126,9 +136,15 @@ MESSAGES_USAGE = {"input_tokens": 10, "output_tokens": 5}
 
 
 def _responses_frames(engine: FakeEngine, body: dict[str, Any]) -> list[bytes | None]:
-    deltas = [f for i in range(engine.chunks) for f in (DELAY, _event("response.output_text.delta", {"delta": f"t{i}"}))]
+    deltas = [
+        f for i in range(engine.chunks) for f in (DELAY, _event("response.output_text.delta", {"delta": f"t{i}"}))
+    ]
     completed = {"response": {"id": "resp_1", "status": "completed", "usage": RESPONSES_USAGE}}
-    return [_event("response.created", {"response": {"id": "resp_1"}}), *deltas, _event("response.completed", completed)]
+    return [
+        _event("response.created", {"response": {"id": "resp_1"}}),
+        *deltas,
+        _event("response.completed", completed),
+    ]
 
 
 def _messages_frames(engine: FakeEngine, body: dict[str, Any]) -> list[bytes | None]:
@@ -137,7 +153,14 @@ def _messages_frames(engine: FakeEngine, body: dict[str, Any]) -> list[bytes | N
         for i in range(engine.chunks)
         for f in (DELAY, _event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f"t{i}"}}))
     ]
-    start = {"message": {"id": "msg_1", "type": "message", "role": "assistant", "usage": {"input_tokens": 10, "output_tokens": 0}}}
+    start = {
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "usage": {"input_tokens": 10, "output_tokens": 0},
+        }
+    }
     return [
         _event("message_start", start),
         _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
@@ -158,5 +181,10 @@ ANSWERS: dict[str, Any] = {
     "/v1/chat/completions": {"choices": [{"message": {"content": "hi"}}], "usage": USAGE},
     "/v1/completions": {"choices": [{"text": "hi"}], "usage": USAGE},
     "/v1/responses": {"id": "resp_1", "object": "response", "status": "completed", "usage": RESPONSES_USAGE},
-    "/v1/messages": {"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}], "usage": MESSAGES_USAGE},
+    "/v1/messages": {
+        "id": "msg_1",
+        "type": "message",
+        "content": [{"type": "text", "text": "hi"}],
+        "usage": MESSAGES_USAGE,
+    },
 }
