@@ -66,6 +66,67 @@ class ChatMeter(Meter):
         return super().feed(chunk)
 
 
+class ResponsesMeter(Meter):
+    """Responses API streams report usage in their last event (``response.completed``, or
+    ``.incomplete`` / ``.failed``), inside the response object; there is no [DONE]."""
+
+    token_event = b"delta\ndata: "  # event: response.output_text.delta (and other deltas)
+    _last = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
+
+    def feed(self, chunk: bytes) -> bool:
+        if chunk.startswith(self._last):
+            data = _event_data(chunk)
+            response = data.get("response") if isinstance(data, dict) else None
+            if isinstance(response, dict):
+                self.tokens = self.total(response.get("usage"))
+        return super().feed(chunk)
+
+
+class MessagesMeter(Meter):
+    """Anthropic streams: input tokens in ``message_start``, output in ``message_delta``."""
+
+    token_event = b"delta\ndata: "  # event: content_block_delta
+    _input = 0
+
+    def feed(self, chunk: bytes) -> bool:
+        if chunk.startswith(b"event: message_start"):
+            message = _event_data(chunk).get("message")
+            self._input = _anthropic_prompt(message.get("usage") if isinstance(message, dict) else None) or 0
+        elif chunk.startswith(b"event: message_delta"):
+            usage = _event_data(chunk).get("usage")
+            output = usage.get("output_tokens") if isinstance(usage, dict) else None
+            if isinstance(output, int):
+                self.tokens = self._input + output
+        return super().feed(chunk)
+
+    @staticmethod
+    def total(usage: Any) -> int | None:
+        return _anthropic_total(usage)
+
+
+def _anthropic_prompt(usage: Any) -> int | None:
+    """Anthropic counts cached prompt tokens apart from ``input_tokens``: all are prompt."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
+        return None
+    fields = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    return sum(value for name in fields if isinstance(value := usage.get(name), int))
+
+
+def _anthropic_total(usage: Any) -> int | None:
+    prompt = _anthropic_prompt(usage)
+    output = usage.get("output_tokens") if isinstance(usage, dict) else None
+    return None if prompt is None or not isinstance(output, int) else prompt + output
+
+
+def _event_data(chunk: bytes) -> Any:
+    """The JSON of an ``event: NAME\ndata: JSON`` frame ({} if it has none)."""
+    _, found, data = chunk.partition(b"\ndata: ")
+    try:
+        return json.loads(data) if found else {}
+    except ValueError:
+        return {}
+
+
 class Api:
     """A generation API: its request's prompt and output fields, and its usage."""
 
@@ -103,7 +164,7 @@ class Api:
 
 class ChatCompletions(Api):
     name = "chat"
-    prompt_fields = ("messages",)
+    prompt_fields: ClassVar[tuple[str, ...]] = ("messages", "tools")
     output_fields = ("max_completion_tokens", "max_tokens")
     choices_field = "n"
     roles = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -141,5 +202,36 @@ class Completions(ChatCompletions):
         Api.validate(self, body)
 
 
+class Responses(Api):
+    """OpenAI's Responses API. vLLM keeps stored responses in one in-memory map shared by
+    every caller, so one key could read another's: nothing is stored, nothing retrieved."""
+
+    name = "responses"
+    prompt_fields = ("instructions", "input", "tools")
+    output_fields = ("max_output_tokens",)
+
+    def validate(self, body: Any) -> None:
+        super().validate(body)
+        if body.get("previous_response_id") is not None:
+            raise errors.previous_response_unsupported()
+
+    def meter(self, body: dict[str, Any]) -> Meter:
+        body["store"] = False
+        return ResponsesMeter() if body.get("stream") else Meter()
+
+
+class Messages(Api):
+    """Anthropic's Messages API, as vLLM serves it."""
+
+    name = "messages"
+    prompt_fields = ("system", "messages", "tools")
+    output_fields = ("max_tokens",)
+
+    def meter(self, body: dict[str, Any]) -> Meter:
+        return MessagesMeter()
+
+
 CHAT = ChatCompletions()
 COMPLETIONS = Completions()
+RESPONSES = Responses()
+MESSAGES = Messages()

@@ -84,11 +84,15 @@ class KeyRing:
         generated = new_key()
         return cls([(bytes.fromhex(hash_key(generated)), Principal("generated"))], generated_key=generated)
 
-    def authenticate(self, authorization: str | None) -> Principal | None:
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal | None:
+        """The key's principal, from ``Authorization: Bearer KEY`` (OpenAI's SDK) or, failing
+        that, ``x-api-key: KEY`` (Anthropic's SDK)."""
         if not self.enabled:
             return ANONYMOUS
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            token = api_key or ""
+        if not token.strip():
             return None
         digest = hashlib.sha256(token.strip().encode()).digest()
         found = None

@@ -19,6 +19,7 @@ from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, EnvSettingsSource
 from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings.sources.utils import parse_env_vars
@@ -57,37 +58,50 @@ DEFAULT_CONFIG_FILE = "configuration.yaml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Each field's docstring is its description: the README's tables are generated from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelSettings(_Section):
     source: str = "smollm2-135m-instruct:latest"
-    """A BentoML store tag, a local directory of HF weights, or a hub id."""
+    """BentoML store tag, local HF directory, or hub id"""
     served_name: str = "smollm2-135m-instruct"
+    """the `model` clients send and `/v1/models` lists"""
     dtype: str = "bfloat16"
+    """weights dtype"""
     max_model_len: int = Field(2048, gt=0)
+    """context length (prompt + completion)"""
     tensor_parallel_size: int = Field(1, gt=0)
+    """GPUs per engine; keep `services.hermes.resources.gpu` equal"""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    cpu_kvcache_space_gib: float | None = Field(2.0, gt=0)
-    """CPU only: KV-cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE); unset on GPU."""
+    """GPU only: fraction of GPU memory for weights + KV cache"""
+    cpu_kvcache_space_gib: int | None = Field(2, gt=0)
+    """CPU only: KV-cache size in whole GiB (vLLM reads it with `int()`; for a finer size pass `--kv-cache-memory-bytes` in `engine_args`)"""
     tool_call_parser: str | None = "hermes"
+    """vLLM tool parser; `null` turns tool calling off"""
     shutdown_timeout_s: int = Field(20, ge=0)
-    """Seconds vLLM drains running requests on SIGTERM before aborting them."""
+    """on SIGTERM, let running requests finish this long"""
     engine_args: list[str] = []
-    """Extra vLLM command-line arguments, passed through unchanged."""
+    """extra vLLM flags, passed through (`["--max-num-seqs","64"]`)"""
 
 
 class ApiKey(_Section):
     name: str = Field(min_length=1)
+    """shown in logs and metrics; the key itself never is"""
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """the key's SHA-256 (hex); give this or `key_env`"""
     key_env: str | None = None
-    """Name of an environment variable that holds the plaintext key (container secrets)."""
+    """an environment variable holding the key (container secrets)"""
     enabled: bool = True
+    """`false` refuses the key"""
     requests_per_minute: int | None = Field(None, gt=0)
+    """requests per rolling minute"""
     tokens_per_minute: int | None = Field(None, gt=0)
+    """prompt + completion tokens per rolling minute"""
     max_concurrency: int | None = Field(None, gt=0)
+    """this key's share of the engine: its requests running at once"""
     priority: int = 0
-    """Higher is served first when the queue has a choice."""
+    """higher is admitted first from the queue"""
 
     @model_validator(mode="after")
     def _one_secret(self) -> ApiKey:
@@ -98,8 +112,11 @@ class ApiKey(_Section):
 
 class AuthSettings(_Section):
     enabled: bool = True
+    """`false` serves without keys (never by default)"""
     keys: list[ApiKey] = []
+    """named keys (table below)"""
     metrics_require_key: bool = False
+    """whether `/metrics` needs a key"""
 
     @model_validator(mode="after")
     def _unique_names(self) -> AuthSettings:
@@ -112,22 +129,66 @@ class AuthSettings(_Section):
 
 class AdmissionSettings(_Section):
     max_concurrency: int = Field(64, gt=0)
+    """requests inside the engine at once"""
     max_queue: int = Field(50, ge=0)
+    """requests waiting beyond that; more → 503"""
     queue_timeout_s: float = Field(120, gt=0)
+    """longest wait in the queue → 504"""
     request_timeout_s: float = Field(600, gt=0)
+    """longest whole request → 504 (or an error event mid-stream)"""
 
 
 class ServerSettings(_Section):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    """larger request bodies → 413"""
 
 
 class Settings(_Section):
+    device: Literal["cpu", "gpu"] = "cpu"
+    """`cpu` or `gpu`: which engine settings apply"""
     model: ModelSettings = ModelSettings()
     auth: AuthSettings = AuthSettings()
     admission: AdmissionSettings = AdmissionSettings()
     limits_storage: str = "memory://"
+    """`redis://host:6379` to share limits between replicas"""
     server: ServerSettings = ServerSettings()
-    device: Literal["cpu", "gpu"] = "cpu"
+
+
+def reference(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every setting as (dotted key, default, environment variable, meaning), in file order."""
+    rows = []
+    for name, info in model.model_fields.items():
+        key = prefix + name
+        section = info.annotation if isinstance(info.annotation, type) else None
+        if section is not None and issubclass(section, BaseModel):
+            rows += reference(section, key + ".")
+        else:
+            rows.append(
+                (
+                    key,
+                    _yaml_scalar(info.get_default()),
+                    env_var_for(key) if model is not ApiKey else "",
+                    info.description or "",
+                )
+            )
+    return rows
+
+
+def reference_table(model: type[BaseModel] = Settings) -> str:
+    """The Markdown table the README shows (``python -m hermes_serve.config table``)."""
+    if model is ApiKey:
+        lines = ["| key field | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{k}` | {d} | {m} |" for k, d, _, m in reference(ApiKey)]
+    else:
+        lines = ["| key | default | env var | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{k}` | {d} | `{e}` | {m} |" for k, d, e, m in reference(model)]
+    return "\n".join(lines)
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is PydanticUndefined:
+        return "required"
+    return f"`{json.dumps(value) if not isinstance(value, str) else value}`"
 
 
 class SettingsError(ValueError):
@@ -270,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else "check"
     answers = {
         "check": "configuration OK",
+        "table": reference_table() + "\n\n" + reference_table(ApiKey),
         "model-source": settings.model.source,
         "served-name": settings.model.served_name,
     }

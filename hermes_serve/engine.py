@@ -46,7 +46,7 @@ def engine_environment(settings: Settings) -> dict[str, str]:
     """Environment the engine's child processes need (they are spawned, so they inherit it)."""
     env: dict[str, str] = {}
     if settings.device == "cpu" and settings.model.cpu_kvcache_space_gib is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.model.cpu_kvcache_space_gib:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.model.cpu_kvcache_space_gib)
     return env
 
 

@@ -1,13 +1,17 @@
-"""The one place OpenAI-shaped errors are built and sent.
+"""The one place errors are built, in OpenAI's vocabulary, and sent in each API's shape.
 
-Body: ``{"error": {"message", "type", "param", "code"}}``, as OpenAI and vLLM send it.
+Every error the gateway raises or relays is an ``OpenAIError`` (status, message, OpenAI's
+``type`` and ``code``). A ``Dialect`` writes it the way the route's SDK expects: OpenAI's
+``{"error": {"message", "type", "param", "code"}}``, or Anthropic's
+``{"type": "error", "error": {"type", "message"}}``; and, once a stream has started, as the
+last event of that API's stream.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.types import Send
 
@@ -17,25 +21,73 @@ class OpenAIError(Exception):
     status: int
     message: str
     type: str = "invalid_request_error"
-    code: str | int | None = None
+    code: str | None = None
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.code, self.param)
-
-
-def error_body(message: str, type: str, code: str | int | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def encode(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-async def send_error(send: Send, error: OpenAIError, extra_headers: dict[str, str] | None = None) -> None:
+class Dialect:
+    """OpenAI's error shape; chat and completions streams end with an error chunk and [DONE]."""
+
+    def body(self, error: OpenAIError) -> dict[str, Any]:
+        return error.body()
+
+    def stream_end(self, error: OpenAIError, events_sent: int) -> bytes:
+        """The frames that end a stream that has already started."""
+        return b"data: " + encode(self.body(error)) + b"\n\ndata: [DONE]\n\n"
+
+
+class ResponsesDialect(Dialect):
+    """The Responses API ends a stream with its own ``error`` event (and no [DONE])."""
+
+    def stream_end(self, error: OpenAIError, events_sent: int) -> bytes:
+        event = {
+            "type": "error",
+            "code": error.code,
+            "message": error.message,
+            "param": error.param,
+            "sequence_number": events_sent,
+        }
+        return b"event: error\ndata: " + encode(event) + b"\n\n"
+
+
+class AnthropicDialect(Dialect):
+    """Anthropic's shape, so its SDK raises its own exceptions: the type follows the status."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        504: "timeout_error",
+    }
+
+    def body(self, error: OpenAIError) -> dict[str, Any]:
+        kind = self.TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+    def stream_end(self, error: OpenAIError, events_sent: int) -> bytes:
+        return b"event: error\ndata: " + encode(self.body(error)) + b"\n\n"
+
+
+OPENAI, RESPONSES, ANTHROPIC = Dialect(), ResponsesDialect(), AnthropicDialect()
+
+
+async def send_error(
+    send: Send, error: OpenAIError, extra_headers: dict[str, str] | None = None, dialect: Dialect = OPENAI
+) -> None:
     """Send ``error`` as a complete JSON response (only before a response has started)."""
-    payload = encode(error.body())
+    payload = encode(dialect.body(error))
     headers = {**(extra_headers or {}), **error.headers}
     raw_headers = [
         (b"content-type", b"application/json"),
@@ -46,9 +98,29 @@ async def send_error(send: Send, error: OpenAIError, extra_headers: dict[str, st
     await send({"type": "http.response.body", "body": payload})
 
 
-def sse_error_frame(error: OpenAIError) -> bytes:
-    """The frame that ends a stream that has already started: an error event, then [DONE]."""
-    return b"data: " + encode(error.body()) + b"\n\ndata: [DONE]\n\n"
+def from_engine(status: int, payload: bytes) -> OpenAIError:
+    """An engine error in OpenAI's vocabulary. vLLM's own errors carry a class name as their
+    type (``NotFoundError``) and the status as their code; FastAPI's are ``{"detail": ...}``;
+    a 5xx never shows its internals."""
+    if status == 422:  # FastAPI's answer to a malformed field is a 400 in the OpenAI API
+        status = 400
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        body = None
+    if status >= 500:
+        return internal_error(status)
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and "message" in error:
+        message = str(error["message"])
+        param = error.get("param") if isinstance(error.get("param"), str) else None
+    else:
+        detail = body.get("detail") if isinstance(body, dict) else None
+        message = detail if isinstance(detail, str) else json.dumps(detail) if detail else "Bad request."
+        param = None
+    if status == 404:  # the engine's only 404: a model (or adapter) it does not serve
+        return OpenAIError(404, message, code="model_not_found", param="model")
+    return OpenAIError(status, message, param=param)
 
 
 # The errors the gateway itself raises, named once so messages and codes stay consistent.
@@ -57,7 +129,7 @@ def sse_error_frame(error: OpenAIError) -> bytes:
 def invalid_api_key() -> OpenAIError:
     return OpenAIError(
         401,
-        "Incorrect or missing API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+        "Incorrect or missing API key. Send it as 'Authorization: Bearer YOUR_KEY' (or 'x-api-key: YOUR_KEY').",
         code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
     )
@@ -125,8 +197,36 @@ def not_found(path: str) -> OpenAIError:
     return OpenAIError(404, f"Unknown route: {path}", code="not_found")
 
 
-def method_not_allowed(method: str, path: str) -> OpenAIError:
-    return OpenAIError(405, f"Method {method} is not allowed on {path}", code="method_not_allowed")
+def method_not_allowed(method: str, path: str, allowed: frozenset[str]) -> OpenAIError:
+    return OpenAIError(
+        405,
+        f"Method {method} is not allowed on {path}",
+        code="method_not_allowed",
+        headers={"Allow": ", ".join(sorted(allowed))},
+    )
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(404, f"The model '{model}' does not exist.", code="model_not_found", param="model")
+
+
+def response_not_stored() -> OpenAIError:
+    return OpenAIError(
+        404,
+        "Responses are not stored on this server (store is always off), so they cannot be "
+        "retrieved, cancelled or deleted. Keep the response you received.",
+        code="response_not_found",
+    )
+
+
+def previous_response_unsupported() -> OpenAIError:
+    return OpenAIError(
+        400,
+        "previous_response_id is not supported: this server does not store responses. "
+        "Send the whole conversation in 'input' instead.",
+        code="unsupported_parameter",
+        param="previous_response_id",
+    )
 
 
 def body_too_large(limit: int) -> OpenAIError:

@@ -66,10 +66,10 @@ class Gateway:
     def ready(self) -> bool:
         return self._engine_app is not None and self._engine_ready()
 
-    def may_read_metrics(self, authorization: str | None) -> bool:
+    def may_read_metrics(self, headers: Headers) -> bool:
         if not self._settings.auth.metrics_require_key:
             return True
-        return self._keyring.authenticate(authorization) is not None
+        return self._keyring.authenticate(headers.get("authorization"), headers.get("x-api-key")) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -77,18 +77,14 @@ class Gateway:
             return
         if scope["type"] != "http":
             return  # lifespan belongs to BentoML
-        request = Incoming(scope, receive)
-        found = routes.find(request.path)
-        route = found[0] if found else None
-        record = Record(
-            request_id=request.headers.get("x-request-id") or secrets.token_hex(8),
-            method=request.method,
-            route=route.path if route else "other",
-            started=self._clock(),
-        )
-        reply = Relay(send, record.request_id)
+        # Ours, never the client's: vLLM names its engine request after it (X-Request-Id).
+        request_id = secrets.token_hex(12)
+        request = Incoming(scope, receive, request_id)
+        route, params = routes.find(request.path) or (None, {})
+        record = Record(request_id, request.method, route.path if route else "other", self._clock())
+        reply = Relay(send, request_id, route.dialect if route else errors.OPENAI)
         try:
-            await self._serve(route, request, reply, record)
+            await self._serve(route, params, request, reply, record)
         except OpenAIError as error:
             await reply.fail(error)
         except ClientDisconnected:
@@ -103,22 +99,29 @@ class Gateway:
                 record.status, record.outcome = reply.status, reply.outcome
                 observe(record, self._metrics, self._clock() - record.started)
 
-    async def _serve(self, route: routes.Route | None, request: Incoming, reply: Relay, record: Record) -> None:
+    async def _serve(
+        self, route: routes.Route | None, params: dict[str, str], request: Incoming, reply: Relay, record: Record
+    ) -> None:
         if route is None:
             raise errors.not_found(request.path)
         if request.method not in route.methods:
-            raise errors.method_not_allowed(request.method, request.path)
+            raise errors.method_not_allowed(request.method, request.path, route.methods)
         if route.open:
             return await self._health(reply)
-        principal = self._keyring.authenticate(request.headers.get("authorization"))
+        principal = self._keyring.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if principal is None:
             raise errors.invalid_api_key()
         record.key = principal.name
+        if route.refusal is not None:
+            raise route.refusal()
         if not self.ready or self._engine_app is None:
             raise errors.not_ready()
-        if route.api is None:
-            return await self._engine_app(request.scope, request.receive, reply.engine_send)
-        await self._generate(route.api, principal, request, reply, record, self._engine_app)
+        if route.api is not None:
+            return await self._generate(route.api, principal, request, reply, record, self._engine_app)
+        if route.answer is not None:
+            answer = route.answer
+            reply.transform = lambda data: answer(data, params)
+        await self._engine_app(request.engine_scope(route.engine_path), request.receive, reply.engine_send)
 
     async def _generate(
         self, api: Api, principal: Principal, request: Incoming, reply: Relay, record: Record, engine: ASGIApp
@@ -163,7 +166,7 @@ class Gateway:
                     )
                 self._metrics.queue_wait.observe(self._clock() - waiting_since)
                 with self._metrics.running.track_inprogress():
-                    await engine(request.scope, request.engine_receive, reply.engine_send)
+                    await engine(request.engine_scope(), request.engine_receive, reply.engine_send)
 
         work = asyncio.create_task(admitted_and_served())
         gone = asyncio.create_task(request.disconnected.wait())
@@ -209,8 +212,7 @@ class MetricsGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/metrics":
             gateway = self._gateway()
-            authorization = Headers(scope=scope).get("authorization")
-            if gateway is not None and not gateway.may_read_metrics(authorization):
+            if gateway is not None and not gateway.may_read_metrics(Headers(scope=scope)):
                 await errors.send_error(send, errors.invalid_api_key())
                 return
         await self._app(scope, receive, send)

@@ -9,22 +9,26 @@ Once the gateway gives up on the engine (``detach``), the engine's late output i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import Message, Send
 
 from . import errors
 from .apis import Meter
-from .errors import OpenAIError
+from .errors import Dialect, OpenAIError
 
 
 class Relay:
-    def __init__(self, send: Send, request_id: str) -> None:
+    def __init__(self, send: Send, request_id: str, dialect: Dialect = errors.OPENAI) -> None:
         self._send = send
+        self._dialect = dialect
         self.headers: dict[str, str] = {"x-request-id": request_id}
         """Added to every answer: the request id, the key's rate-limit standing."""
         self.meter = Meter()
+        self.transform: Callable[[Any], Any] | None = None
+        """Rewrites a successful JSON answer (e.g. the model list); may raise an OpenAIError."""
         self.status: int | None = None
         self.outcome = "ok"
         self.started = False
@@ -36,6 +40,7 @@ class Relay:
         self._buffer: list[bytes] | None = None
         self._closed = False
         self._detached = False
+        self._events_sent = 0
 
     # --- the engine's answer ----------------------------------------------------------------
 
@@ -60,6 +65,7 @@ class Relay:
                 await self._finish_buffered(b"".join(self._buffer))
             return
         if self.meter.feed(chunk):
+            self._events_sent += chunk.count(b"data: ")
             await self._send(message)
         elif not more:
             await self._send({"type": "http.response.body", "body": b""})
@@ -70,12 +76,20 @@ class Relay:
 
     async def _finish_buffered(self, payload: bytes) -> None:
         assert self._start is not None and self.status is not None
+        start = self._start
         if self.status >= 400:
             self.engine_refused = True
-            self._buffer = None
-            return await self.fail(engine_error(self.status, payload))
+            return await self.fail(errors.from_engine(self.status, payload))
         self.meter.read_json(payload)
-        await self._send_start(self._start)
+        if self.transform is not None:
+            try:
+                payload = errors.encode(self.transform(json.loads(payload)))
+            except OpenAIError as error:
+                return await self.fail(error)
+            headers = MutableHeaders(raw=list(start.get("headers", [])))
+            headers["content-length"] = str(len(payload))
+            start = {**start, "headers": headers.raw}
+        await self._send_start(start)
         await self._send({"type": "http.response.body", "body": payload})
 
     # --- the gateway's own answers ----------------------------------------------------------
@@ -92,12 +106,13 @@ class Relay:
             return
         self._closed = True
         if self.outcome == "ok":  # a client that left stays "client_closed_request"
-            self.outcome = error.code if isinstance(error.code, str) else "error"
+            self.outcome = error.code or "error"
         if not self.started:
             self.status = error.status
-            await errors.send_error(self._send_raw, error, self.headers)
+            await errors.send_error(self._send_raw, error, self.headers, self._dialect)
             return
-        await self._send_raw({"type": "http.response.body", "body": errors.sse_error_frame(error), "more_body": False})
+        end = self._dialect.stream_end(error, self._events_sent)
+        await self._send_raw({"type": "http.response.body", "body": end, "more_body": False})
 
     def client_left(self) -> None:
         self.outcome = errors.CLIENT_CLOSED_REQUEST
@@ -119,28 +134,3 @@ class Relay:
         if message["type"] == "http.response.start":
             self.started = True
         await self._send(message)
-
-
-def engine_error(status: int, payload: bytes) -> OpenAIError:
-    """An engine error as the gateway's own: vLLM's are already OpenAI-shaped; FastAPI's
-    ``{"detail": ...}`` and others are not; a 5xx never shows its internals."""
-    if status == 422:  # FastAPI's answer to a malformed field is a 400 in the OpenAI API
-        status = 400
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict) and "message" in body["error"]:
-        error = body["error"]
-        return OpenAIError(
-            status,
-            str(error["message"]),
-            type=str(error.get("type") or "invalid_request_error"),
-            code=error.get("code"),
-            param=error.get("param"),
-        )
-    if status >= 500:
-        return errors.internal_error(status)
-    detail = body.get("detail") if isinstance(body, dict) else None
-    message = detail if isinstance(detail, str) else json.dumps(detail) if detail else "Bad request."
-    return OpenAIError(status, message)

@@ -22,8 +22,9 @@ class ClientDisconnected(Exception):
 
 
 class Incoming:
-    def __init__(self, scope: Scope, receive: Receive) -> None:
+    def __init__(self, scope: Scope, receive: Receive, request_id: str) -> None:
         self.scope = scope
+        self._request_id = request_id
         self.receive = receive
         """The client's own receive, for routes that pass the request through unread."""
         self.headers = Headers(scope=scope)
@@ -65,9 +66,19 @@ class Incoming:
     def replace_body(self, body: Any) -> None:
         """The body the engine reads instead of the client's."""
         self._body = json.dumps(body, ensure_ascii=False).encode()
-        self.scope = {**self.scope}
-        headers = MutableHeaders(scope=self.scope)
-        headers["content-length"] = str(len(self._body))
+
+    def engine_scope(self, path: str | None = None) -> Scope:
+        """The request as the engine sees it: the gateway's request id (vLLM names its engine
+        request after it, so the two logs share it), the rewritten body's length, and the
+        engine's own path where the gateway's differs."""
+        scope = {**self.scope, "headers": list(self.scope["headers"])}
+        if path is not None:
+            scope["path"], scope["raw_path"] = path, path.encode()
+        headers = MutableHeaders(scope=scope)
+        headers["x-request-id"] = self._request_id
+        if self._body is not None:
+            headers["content-length"] = str(len(self._body))
+        return scope
 
     async def engine_receive(self) -> Message:
         if not self.delivered and self._body is not None:

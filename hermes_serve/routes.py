@@ -2,29 +2,57 @@
 
 vLLM's admin routes (sleep, cache reset, LoRA loading, SageMaker's /invocations...) are not
 in it, so they stay unreachable. A route with an ``api`` is metered generation: it goes
-through limits and admission. The rest are forwarded to the engine after the key check.
+through limits and admission. The others are forwarded to the engine after the key check
+(``engine_path`` where vLLM's path differs, ``answer`` to rewrite its JSON), answered by the
+gateway itself (``open``), or refused (``refusal``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.routing import compile_path
 
-from .apis import CHAT, COMPLETIONS, Api
+from . import errors
+from .apis import CHAT, COMPLETIONS, MESSAGES, RESPONSES, Api
+from .errors import ANTHROPIC, OPENAI, Dialect, OpenAIError
+from .errors import RESPONSES as RESPONSES_DIALECT
 
 GET, POST = frozenset({"GET"}), frozenset({"POST"})
+
+Answer = Callable[[Any, dict[str, str]], Any]
+"""Rewrites the engine's JSON answer, given the route's path parameters."""
+
+
+def model_list(answer: Any, params: dict[str, str]) -> Any:
+    """vLLM's model list names the weights' directory as ``root``: a server path."""
+    for model in answer.get("data", []) if isinstance(answer, dict) else []:
+        model["root"] = model.get("id")
+    return answer
+
+
+def one_model(answer: Any, params: dict[str, str]) -> Any:
+    for model in model_list(answer, params).get("data", []):
+        if model.get("id") == params["model"]:
+            return model
+    raise errors.model_not_found(params["model"])
 
 
 @dataclass(frozen=True)
 class Route:
     path: str
-    """A Starlette path pattern; also the route's label in metrics."""
+    """A Starlette path pattern; also the route's label in metrics and the log."""
     methods: frozenset[str]
     api: Api | None = None
+    dialect: Dialect = OPENAI
+    engine_path: str | None = None
+    answer: Answer | None = None
+    refusal: Callable[[], OpenAIError] | None = None
     open: bool = False
-    """Answered without a key (health)."""
+    """Answered by the gateway without a key (health)."""
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -38,7 +66,12 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("/v1/chat/completions", POST, api=CHAT),
     Route("/v1/completions", POST, api=COMPLETIONS),
-    Route("/v1/models", GET),
+    Route("/v1/responses", POST, api=RESPONSES, dialect=RESPONSES_DIALECT),
+    Route("/v1/messages", POST, api=MESSAGES, dialect=ANTHROPIC),
+    Route("/v1/messages/count_tokens", POST, dialect=ANTHROPIC),
+    Route("/v1/models", GET, answer=model_list),
+    Route("/v1/models/{model:path}", GET, engine_path="/v1/models", answer=one_model),
+    Route("/v1/responses/{id:path}", frozenset({"GET", "DELETE", "POST"}), refusal=errors.response_not_stored),
     Route("/tokenize", POST),
     Route("/detokenize", POST),
     Route("/version", GET),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hermes_serve.apis import CHAT, COMPLETIONS, ChatMeter, Meter
+from hermes_serve.apis import CHAT, COMPLETIONS, MESSAGES, RESPONSES, ChatMeter, Meter
 from hermes_serve.errors import OpenAIError
 
 
@@ -74,3 +74,32 @@ def test_usage_from_responses() -> None:
 def test_a_non_stream_request_is_not_changed() -> None:
     body = {"messages": [{"role": "user", "content": "x"}]}
     assert type(CHAT.meter(body)) is Meter and "stream_options" not in body
+
+
+def test_responses_estimate_and_stream_usage() -> None:
+    body = {"input": "x" * 400, "instructions": "be brief", "max_output_tokens": 20, "store": True}
+    assert 100 <= RESPONSES.estimate(body, 2048) - 20 <= 130
+    meter = RESPONSES.meter({**body, "stream": True})
+    assert meter.feed(b'event: response.output_text.delta\ndata: {"delta":"a"}\n\n')
+    done = b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":4,"total_tokens":7}}}\n\n'
+    assert meter.feed(done) and meter.tokens == 7 and meter.token_events == 1
+    incomplete = RESPONSES.meter({"stream": True})
+    incomplete.feed(done.replace(b"response.completed", b"response.incomplete"))
+    assert incomplete.tokens == 7
+
+
+def test_messages_usage_is_start_input_plus_delta_output() -> None:
+    meter = MESSAGES.meter({"stream": True, "messages": []})
+    meter.feed(
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":12,"output_tokens":1}}}\n\n'
+    )
+    assert meter.tokens is None
+    meter.feed(b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n')
+    meter.feed(b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n')
+    assert meter.tokens == 21 and meter.token_events == 2
+    whole = MESSAGES.meter({"messages": []})
+    whole.read_json(b'{"usage":{"input_tokens":12,"cache_read_input_tokens":30,"output_tokens":9}}')
+    assert whole.tokens == 51
+    assert (
+        MESSAGES.estimate({"system": "s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}, 2048) < 30
+    )

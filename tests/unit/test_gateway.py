@@ -18,7 +18,7 @@ from hermes_serve.limits import RateLimits
 from hermes_serve.metrics import GatewayMetrics
 from tests.support import asgi
 from tests.support.asgi import Reply
-from tests.support.fake_engine import USAGE, FakeEngine
+from tests.support.fake_engine import MODEL_ROOT, USAGE, FakeEngine
 
 KEY = "hs-unit-test-key"
 CHAT = "/v1/chat/completions"
@@ -249,3 +249,160 @@ async def test_websockets_are_refused() -> None:
 
     await gateway({"type": "websocket", "path": CHAT, "headers": []}, None, send)  # type: ignore[arg-type]
     assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+# --- every generation API through the same path ---------------------------------------------
+
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
+ASK = {
+    CHAT: HELLO,
+    "/v1/completions": {"model": "fake", "prompt": "hi", "max_tokens": 5},
+    RESPONSES: {"model": "fake", "input": "hi", "max_output_tokens": 5},
+    MESSAGES: {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+}
+ANTHROPIC_ERROR = {"type", "error"}
+
+
+def tokens_charged(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("hermes_tokens_total", {"key": "team"})
+
+
+@pytest.mark.parametrize("path", list(ASK))
+@pytest.mark.parametrize("stream", [False, True])
+async def test_each_api_is_charged_the_usage_the_engine_reported(path: str, stream: bool) -> None:
+    registry = CollectorRegistry()
+    gateway, engine, _ = build(registry=registry)
+    reply = await call(gateway, "POST", path, {**ASK[path], "stream": stream})
+    assert reply.status == 200
+    assert tokens_charged(registry) == USAGE["total_tokens"]
+    assert registry.get_sample_value("hermes_requests_total", {"key": "team", "route": path, "status": "200"}) == 1
+    if stream:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        assert len(reply.chunks) > engine.chunks
+
+
+@pytest.mark.parametrize("path", list(ASK))
+async def test_each_api_cut_short_is_charged_its_prompt_and_streamed_tokens(path: str) -> None:
+    registry = CollectorRegistry()
+    gateway, engine, _ = build(
+        FakeEngine(delay_s=0.05, chunks=40), registry=registry, admission={"request_timeout_s": 30}
+    )
+    reply = await call(gateway, "POST", path, {**ASK[path], "stream": True}, disconnect_after_s=0.28)
+    assert engine.cancelled == 1
+    streamed = reply.body.count(b"delta\ndata: ") if path in (RESPONSES, MESSAGES) else reply.body.count(b"data: ")
+    assert 3 <= streamed < 40
+    prompt = gateway_api(path).prompt_tokens({**ASK[path], "stream": True}, 2048)
+    assert tokens_charged(registry) == prompt + streamed
+
+
+def gateway_api(path: str) -> Any:
+    from hermes_serve import routes
+
+    found = routes.find(path)
+    assert found is not None and found[0].api is not None
+    return found[0].api
+
+
+@pytest.mark.parametrize("path", [RESPONSES, MESSAGES])
+async def test_each_api_ends_a_stream_past_its_timeout_with_its_own_error_event(path: str) -> None:
+    gateway, engine, _ = build(FakeEngine(delay_s=0.3, chunks=10))
+    reply = await call(gateway, "POST", path, {**ASK[path], "stream": True})
+    assert reply.status == 200 and engine.cancelled == 1
+    last = reply.body.decode().strip().split("\n\n")[-1]
+    name, data = last.split("\n", 1)
+    assert name == "event: error"
+    error = json.loads(data.removeprefix("data: "))
+    if path == MESSAGES:
+        assert error == {"type": "error", "error": {"type": "timeout_error", "message": error["error"]["message"]}}
+    else:
+        assert error["type"] == "error" and error["code"] == "request_timeout"
+        assert error["sequence_number"] == reply.body.count(b"data: ") - 1
+
+
+async def test_responses_are_never_stored_nor_retrieved() -> None:
+    gateway, engine, _ = build()
+    assert (await call(gateway, "POST", RESPONSES, {**ASK[RESPONSES], "store": True})).status == 200
+    assert engine.bodies[-1]["store"] is False
+    chained = await call(gateway, "POST", RESPONSES, {**ASK[RESPONSES], "previous_response_id": "resp_1"})
+    assert chained.status == 400 and chained.error["code"] == "unsupported_parameter"
+    assert chained.error["param"] == "previous_response_id"
+    for method, path in [
+        ("GET", "/v1/responses/resp_1"),
+        ("DELETE", "/v1/responses/resp_1"),
+        ("POST", "/v1/responses/resp_1/cancel"),
+    ]:
+        refused = await call(gateway, method, path)
+        assert refused.status == 404 and refused.error["code"] == "response_not_found"
+    assert (await call(gateway, "GET", "/v1/responses/resp_1", key=None)).status == 401
+    assert len(engine.bodies) == 1
+
+
+async def test_anthropic_clients_send_x_api_key_and_get_anthropic_errors() -> None:
+    gateway, _, _ = build(auth={"keys": [{"name": "team", "sha256": hash_key(KEY), "requests_per_minute": 1}]})
+    ok = await call(gateway, "POST", MESSAGES, ASK[MESSAGES], key=None, headers={"x-api-key": KEY})
+    assert ok.status == 200 and ok.json()["usage"] == {"input_tokens": 10, "output_tokens": 5}
+    limited = await call(gateway, "POST", MESSAGES, ASK[MESSAGES], key=None, headers={"x-api-key": KEY})
+    assert limited.status == 429 and limited.json()["error"]["type"] == "rate_limit_error"
+    assert set(limited.json()) == ANTHROPIC_ERROR and limited.json()["type"] == "error"
+    assert int(limited.headers["retry-after"]) >= 1
+    wrong = await call(gateway, "POST", MESSAGES, ASK[MESSAGES], key=None, headers={"x-api-key": "hs-wrong"})
+    assert wrong.status == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    counted = await call(
+        gateway, "POST", "/v1/messages/count_tokens", ASK[MESSAGES], key=None, headers={"x-api-key": KEY}
+    )
+    assert counted.status == 200 and counted.json() == {"input_tokens": 7}, "count_tokens is not generation"
+
+
+@pytest.mark.parametrize(("path", "anthropic"), [(CHAT, False), (RESPONSES, False), (MESSAGES, True)])
+async def test_engine_errors_use_one_vocabulary_in_each_apis_shape(path: str, anthropic: bool) -> None:
+    gateway, _, _ = build()
+    missing = await call(gateway, "POST", path, {**ASK[path], "model": "missing"})
+    assert missing.status == 404
+    if anthropic:
+        assert missing.json() == {
+            "type": "error",
+            "error": {"type": "not_found_error", "message": "The model `missing` does not exist."},
+        }
+    else:
+        assert missing.error == {
+            "message": "The model `missing` does not exist.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    unvalidated = await call(gateway, "POST", path, {**ASK[path], "model": "unvalidated"})
+    assert unvalidated.status == 400
+    if not anthropic:
+        assert unvalidated.error["type"] == "invalid_request_error" and unvalidated.error["code"] is None
+
+
+async def test_models_hide_the_server_path_and_answer_one_model() -> None:
+    gateway, _, _ = build()
+    listing = await call(gateway, "GET", "/v1/models")
+    assert [m["root"] for m in listing.json()["data"]] == ["fake"]
+    assert MODEL_ROOT.encode() not in listing.body
+    one = await call(gateway, "GET", "/v1/models/fake")
+    assert one.status == 200 and one.json()["id"] == "fake" and one.json()["root"] == "fake"
+    assert int(one.headers["content-length"]) == len(one.body)
+    missing = await call(gateway, "GET", "/v1/models/org/not-here")
+    assert (
+        missing.status == 404
+        and missing.error["code"] == "model_not_found"
+        and "org/not-here" in missing.error["message"]
+    )
+
+
+async def test_method_not_allowed_says_which_are() -> None:
+    gateway, _, _ = build()
+    reply = await call(gateway, "DELETE", CHAT)
+    assert reply.status == 405 and reply.headers["allow"] == "POST"
+
+
+async def test_the_engine_gets_the_gateways_request_id_never_the_clients() -> None:
+    gateway, engine, _ = build()
+    reply = await call(gateway, "POST", CHAT, HELLO, headers={"x-request-id": "client-chosen"})
+    assert reply.headers["x-request-id"] != "client-chosen"
+    assert engine.headers[-1]["x-request-id"] == reply.headers["x-request-id"]
+    listing = await call(gateway, "GET", "/v1/models")
+    assert engine.headers[-1]["x-request-id"] == listing.headers["x-request-id"]
