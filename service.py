@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import bentoml
@@ -14,14 +16,19 @@ from starlette.routing import Mount
 from hermes_serve import errors
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
-from hermes_serve.config import load_settings
+from hermes_serve.config import config_path, load_settings
 from hermes_serve.engine import Engine
 from hermes_serve.gateway import Gateway, MetricsGuard
-from hermes_serve.limits import RateLimits
+from hermes_serve.ledger import ledger_for
+from hermes_serve.limits import Limits
 from hermes_serve.metrics import GatewayMetrics
 from hermes_serve.models import resolve_model_path
+from hermes_serve.reload import ConfigWatcher, watch
+from hermes_serve.supervisor import forward_sighup
 
 logger = logging.getLogger("hermes_serve")
+# In `bentoml serve`'s own process (the supervisor), SIGHUP then reloads keys, not workers.
+forward_sighup()
 
 
 class LateBound:
@@ -50,6 +57,8 @@ mounted = Starlette(routes=[Mount("/", app=front)])
 class HermesService:
     def __init__(self) -> None:
         self.engine: Engine | None = None
+        self.limits: Limits | None = None
+        self.stop_watching: Callable[[], None] = lambda: None
 
     @bentoml.on_startup
     async def start(self) -> None:
@@ -61,17 +70,22 @@ class HermesService:
             print(
                 "\n  No API keys configured: generated one for this run:\n"
                 f"  {keyring.generated_key}\n"
-                "  Configure hermes.auth.keys (python -m hermes_serve.auth new NAME) to keep one.\n",
+                "  Configure services.hermes.auth.keys (python -m hermes_serve.auth new NAME) to keep one.\n",
                 flush=True,
             )
-        gateway = Gateway(
-            settings,
-            keyring,
-            RateLimits(settings.limits_storage),
-            AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue),
-            GatewayMetrics(),
-        )
+        metrics = GatewayMetrics()
+        self.limits = Limits(ledger_for(settings.limits_storage), settings.admission.request_timeout_s)
+        admission = AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue)
+        gateway = Gateway(settings, keyring, self.limits, admission, metrics)
         front.app = gateway
+        watcher = ConfigWatcher(
+            config_path(os.environ, Path.cwd()),
+            load=lambda: load_settings(os.environ),
+            apply=lambda new: gateway.use_keys(KeyRing.from_settings(new.auth, os.environ, reloading=gateway.keyring)),
+            running=settings,
+            metrics=metrics,
+        )
+        self.stop_watching = watch(watcher, settings.auth.reload_interval_s)
         self.engine = Engine(settings, on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
         app = await self.engine.start(resolve_model_path(settings.model.source))
         gateway.attach(app, lambda: self.engine is not None and self.engine.ready)
@@ -79,8 +93,11 @@ class HermesService:
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
+        self.stop_watching()
         if self.engine is not None:
             await self.engine.stop()
+        if self.limits is not None:
+            await self.limits.close()
 
     async def __is_ready__(self) -> bool:
         return self.engine is not None and self.engine.ready

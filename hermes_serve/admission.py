@@ -67,6 +67,17 @@ class FairQueue:
                 return waiter
         return None
 
+    def remove_keys(self, keys: set[str]) -> list[Waiter]:
+        """Take every waiter of ``keys`` out of the queue."""
+        taken: list[Waiter] = []
+        for priority, lines in list(self._levels.items()):
+            for key in keys & lines.keys():
+                taken += lines[key]
+                self._size -= len(lines[key])
+                lines[key].clear()
+                self._drop_if_empty(priority, key)
+        return taken
+
     def waiting_by_key(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
         for keys in self._levels.values():
@@ -115,6 +126,14 @@ class AdmissionQueue:
     def stats(self) -> AdmissionStats:
         return AdmissionStats(self._running, len(self._queue), self._queue.waiting_by_key())
 
+    def refuse(self, keys: set[str], error: Exception) -> int:
+        """Refuse the queued requests of ``keys`` (revoked while they waited); returns how many."""
+        taken = self._queue.remove_keys(keys)
+        for waiter in taken:
+            if waiter.granted is not None and not waiter.granted.done():
+                waiter.granted.set_exception(error)
+        return len(taken)
+
     def retry_after_s(self) -> int:
         """About how long until a queue place frees: the queue's drain time, at least 1 s."""
         drain = self._mean_hold_s * (len(self._queue) + 1) / self._max_concurrency
@@ -137,7 +156,8 @@ class AdmissionQueue:
         try:
             await asyncio.wait_for(asyncio.shield(waiter.granted), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
-            if waiter.granted.done() and not waiter.granted.cancelled():
+            granted = waiter.granted.done() and not waiter.granted.cancelled() and waiter.granted.exception() is None
+            if granted:
                 self._release(waiter.key)  # granted at the last moment: hand it on
             else:
                 self._queue.remove(waiter)

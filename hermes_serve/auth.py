@@ -14,23 +14,46 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import ApiKey, AuthSettings
+from .windows import Span, Unit, Window
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "hs-"
 
 
+# A key's windows, from its settings: (setting, unit, span).
+WINDOWS: tuple[tuple[str, Unit, Span], ...] = (
+    ("requests_per_minute", "requests", "minute"),
+    ("tokens_per_minute", "tokens", "minute"),
+    ("requests_per_day", "requests", "day"),
+    ("tokens_per_day", "tokens", "day"),
+    ("tokens_per_month", "tokens", "month"),
+)
+
+
 @dataclass(frozen=True)
 class Principal:
+    """Who is calling: a key's name and everything the gateway enforces for it."""
+
     name: str
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
+    windows: tuple[Window, ...] = ()
     max_concurrency: int | None = None
     priority: int = 0
+    expires_at: float | None = None
+    """Wall-clock seconds (UTC) from which the key is refused."""
 
     @classmethod
     def of(cls, key: ApiKey) -> Principal:
-        return cls(key.name, key.requests_per_minute, key.tokens_per_minute, key.max_concurrency, key.priority)
+        windows = tuple(
+            Window(setting, unit, span, limit)
+            for setting, unit, span in WINDOWS
+            if (limit := getattr(key, setting)) is not None
+        )
+        expires = key.expires_at.timestamp() if key.expires_at is not None else None
+        return cls(key.name, windows, key.max_concurrency, key.priority, expires)
+
+    def limit(self, setting: str) -> int | None:
+        return next((w.limit for w in self.windows if w.setting == setting), None)
 
 
 ANONYMOUS = Principal("anonymous")
@@ -50,6 +73,8 @@ def key_stanza(name: str, key: str) -> str:
         f'      sha256: "{hash_key(key)}"\n'
         "      # requests_per_minute: 60\n"
         "      # tokens_per_minute: 100000\n"
+        "      # tokens_per_day: 2000000\n"
+        "      # expires_at: 2027-01-01T00:00:00Z\n"
         "      # max_concurrency: 8\n"
         "      # priority: 0\n"
     )
@@ -63,7 +88,9 @@ class KeyRing:
         """Set when no key was configured: printed once at start-up, the only key accepted."""
 
     @classmethod
-    def from_settings(cls, auth: AuthSettings, environ: Mapping[str, str]) -> KeyRing:
+    def from_settings(cls, auth: AuthSettings, environ: Mapping[str, str], reloading: KeyRing | None = None) -> KeyRing:
+        """The keys of ``auth``. With none usable, a key is generated at start-up; a reload
+        (``reloading`` the running ring) keeps the generated key, or generates none."""
         if not auth.enabled:
             return cls([], enabled=False)
         entries = []
@@ -81,8 +108,21 @@ class KeyRing:
             entries.append((bytes.fromhex(digest), Principal.of(key)))
         if entries:
             return cls(entries)
-        generated = new_key()
+        generated = reloading.generated_key if reloading is not None else new_key()
+        if generated is None:
+            return cls([])
         return cls([(bytes.fromhex(hash_key(generated)), Principal("generated"))], generated_key=generated)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def revoked_by(self, new: KeyRing) -> set[str]:
+        """Names of keys that ``new`` no longer accepts as they are: removed, disabled, or
+        given another secret."""
+        if not new.enabled:
+            return set()
+        still = {(principal.name, digest) for digest, principal in new._entries}
+        return {principal.name for digest, principal in self._entries if (principal.name, digest) not in still}
 
     def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal | None:
         """The key's principal, from ``Authorization: Bearer KEY`` (OpenAI's SDK) or, failing
@@ -112,7 +152,7 @@ def main(argv: list[str]) -> int:
         print(key)
         return 0
     print(f"New key for {name!r} (shown once; give it to the client, keep it secret):\n\n  {key}\n")
-    print("Paste under hermes.auth.keys in configuration.yaml:\n")
+    print("Paste under services.hermes.auth.keys in configuration.yaml (it is read without a restart):\n")
     print(key_stanza(name, key))
     return 0
 

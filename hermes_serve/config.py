@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, EnvSettingsSource
 from pydantic_settings import SettingsError as PydanticSettingsError
@@ -98,10 +99,23 @@ class ApiKey(_Section):
     """requests per rolling minute"""
     tokens_per_minute: int | None = Field(None, gt=0)
     """prompt + completion tokens per rolling minute"""
+    requests_per_day: int | None = Field(None, gt=0)
+    """requests per calendar day (UTC)"""
+    tokens_per_day: int | None = Field(None, gt=0)
+    """prompt + completion tokens per calendar day (UTC)"""
+    tokens_per_month: int | None = Field(None, gt=0)
+    """prompt + completion tokens per calendar month (UTC)"""
+    expires_at: datetime | None = None
+    """from this time on the key gets 401 (ISO 8601; UTC unless it names a zone)"""
     max_concurrency: int | None = Field(None, gt=0)
     """this key's share of the engine: its requests running at once"""
     priority: int = 0
     """higher is admitted first from the queue"""
+
+    @field_validator("expires_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
     @model_validator(mode="after")
     def _one_secret(self) -> ApiKey:
@@ -114,9 +128,11 @@ class AuthSettings(_Section):
     enabled: bool = True
     """`false` serves without keys (never by default)"""
     keys: list[ApiKey] = []
-    """named keys (table below)"""
+    """named keys (table below); reloaded without a restart"""
     metrics_require_key: bool = False
     """whether `/metrics` needs a key"""
+    reload_interval_s: float = Field(5, ge=0)
+    """how often the file is checked for changed keys (also on SIGHUP); `0`: only on SIGHUP"""
 
     @model_validator(mode="after")
     def _unique_names(self) -> AuthSettings:

@@ -10,7 +10,9 @@ last event of that API's stream.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from starlette.types import Send
@@ -135,6 +137,19 @@ def invalid_api_key() -> OpenAIError:
     )
 
 
+def key_expired() -> OpenAIError:
+    return OpenAIError(401, "This API key has expired.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def key_revoked() -> OpenAIError:
+    return OpenAIError(
+        401,
+        "This API key was revoked while the request waited.",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def rate_limited(what: str, limit: int, retry_after_s: int, key_name: str) -> OpenAIError:
     return OpenAIError(
         429,
@@ -145,13 +160,29 @@ def rate_limited(what: str, limit: int, retry_after_s: int, key_name: str) -> Op
     )
 
 
-def over_request_budget(tokens: int, limit: int, key_name: str) -> OpenAIError:
+def larger_than_limit(tokens: int, setting: str, limit: int, key_name: str) -> OpenAIError:
+    """A request that could never fit: waiting does not help, so no Retry-After."""
+    budget = not setting.endswith("_per_minute")
     return OpenAIError(
         429,
         f"Request too large for key '{key_name}': it may use {tokens} tokens but the key's "
-        f"limit is {limit} tokens per minute. Lower max_tokens or the prompt.",
-        type="tokens",
-        code="rate_limit_exceeded",
+        f"{setting} is {limit}. Lower max_tokens or the prompt.",
+        type="insufficient_quota" if budget else "tokens",
+        code="insufficient_quota" if budget else "rate_limit_exceeded",
+        headers={"x-should-retry": "false"},
+    )
+
+
+def insufficient_quota(setting: str, limit: int, key_name: str, frees_at: float, now: float) -> OpenAIError:
+    """A day or month budget used up. The SDKs' automatic retries cannot help before it frees
+    (``x-should-retry: false``); Retry-After says when it does."""
+    when = datetime.fromtimestamp(frees_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return OpenAIError(
+        429,
+        f"Key '{key_name}' has used its {setting} budget ({limit}); it frees at {when}.",
+        type="insufficient_quota",
+        code="insufficient_quota",
+        headers={"Retry-After": str(max(1, math.ceil(frees_at - now))), "x-should-retry": "false"},
     )
 
 

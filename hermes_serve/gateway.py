@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -25,11 +26,12 @@ from .auth import KeyRing, Principal
 from .clock import Clock, monotonic
 from .config import Settings
 from .errors import OpenAIError
-from .limits import RateLimits
+from .limits import Limits
 from .metrics import GatewayMetrics
 from .record import Record, observe
 from .relay import Relay
 from .request import ClientDisconnected, Incoming
+from .usage import usage_json
 
 logger = logging.getLogger("hermes_serve.access")
 
@@ -45,17 +47,20 @@ class Gateway:
         self,
         settings: Settings,
         keyring: KeyRing,
-        rate_limits: RateLimits,
+        limits: Limits,
         admission: AdmissionQueue,
         metrics: GatewayMetrics,
         clock: Clock = monotonic,
+        wall_clock: Clock = time.time,
     ) -> None:
         self._settings = settings
         self._keyring = keyring
-        self._limits = rate_limits
+        self._limits = limits
         self._admission = admission
         self._metrics = metrics
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._local = {"health": self._health, "usage": self._usage}
         self._engine_app: ASGIApp | None = None
         self._engine_ready: Callable[[], bool] = lambda: False
 
@@ -65,6 +70,20 @@ class Gateway:
     @property
     def ready(self) -> bool:
         return self._engine_app is not None and self._engine_ready()
+
+    @property
+    def keyring(self) -> KeyRing:
+        return self._keyring
+
+    def use_keys(self, keyring: KeyRing) -> None:
+        """Swap the keys in one step: requests already running keep going; the queued
+        requests of keys that are gone are refused."""
+        revoked = self._keyring.revoked_by(keyring)
+        self._keyring = keyring
+        refused = self._admission.refuse(revoked, errors.key_revoked()) if revoked else 0
+        logger.info(
+            "keys reloaded: %d keys, %d revoked, %d queued requests refused", len(keyring), len(revoked), refused
+        )
 
     def may_read_metrics(self, headers: Headers) -> bool:
         if not self._settings.auth.metrics_require_key:
@@ -106,14 +125,18 @@ class Gateway:
             raise errors.not_found(request.path)
         if request.method not in route.methods:
             raise errors.method_not_allowed(request.method, request.path, route.methods)
-        if route.open:
-            return await self._health(reply)
+        if route.open and route.local is not None:
+            return await self._local[route.local](None, reply)
         principal = self._keyring.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if principal is None:
             raise errors.invalid_api_key()
         record.key = principal.name
+        if principal.expires_at is not None and self._wall_clock() >= principal.expires_at:
+            raise errors.key_expired()
         if route.refusal is not None:
             raise route.refusal()
+        if route.local is not None:
+            return await self._local[route.local](principal, reply)
         if not self.ready or self._engine_app is None:
             raise errors.not_ready()
         if route.api is not None:
@@ -132,7 +155,7 @@ class Gateway:
         reply.meter = meter = api.meter(body)
         request.replace_body(body)
         reservation = await self._limits.admit(principal, api.estimate(body, max_model_len))
-        reply.headers.update(reservation.headers())
+        reply.headers.update(reservation.headers)
         try:
             await self._run(principal, request, reply, engine, record.started)
         finally:
@@ -193,10 +216,14 @@ class Gateway:
         work.cancel()  # still queued, or slow to abort: no-op if it already finished
         await asyncio.gather(work, return_exceptions=True)
 
-    async def _health(self, reply: Relay) -> None:
+    async def _health(self, _: Principal | None, reply: Relay) -> None:
         if not self.ready:
             raise OpenAIError(503, "The model is not ready yet.", type="server_error", code="model_not_ready")
         await reply.respond(200, {"status": "ok", "model": self._settings.model.served_name})
+
+    async def _usage(self, principal: Principal | None, reply: Relay) -> None:
+        assert principal is not None
+        await reply.respond(200, usage_json(principal, await self._limits.standing(principal)))
 
 
 class MetricsGuard:

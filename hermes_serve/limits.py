@@ -1,40 +1,49 @@
-"""Per-key requests/min and tokens/min, on the ``limits`` library's moving window.
+"""A key's limits and budgets: checked and reserved before the engine runs, settled after.
 
-Tokens are reserved at admission from an upper-bound estimate and settled from real usage
-afterwards. Reservations of requests still running live in the same storage as the windows,
-so replicas sharing a Redis also share what is in flight. (Check-then-reserve is not atomic
-across replicas: two requests racing on the last tokens may both pass; the overshoot is
-bounded by one request each.)
+Per minute (rolling) a key may have ``requests_per_minute`` and ``tokens_per_minute``; per
+calendar day and month (UTC) the budgets ``requests_per_day``, ``tokens_per_day`` and
+``tokens_per_month`` (``windows`` says why those kinds of window). At admission the request
+is counted and its token estimate held against every token window; when it ends the hold is
+released and the tokens really used are counted. A minute limit refuses with 429
+``rate_limit_exceeded``, a budget with 429 ``insufficient_quota``; both say when they free.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from limits import RateLimitItemPerMinute
-from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.storage import storage_from_string
-
 from . import errors
 from .auth import Principal
-
-RESERVATION_TTL_S = 3600  # a crashed replica's reservations heal after this
+from .errors import OpenAIError
+from .ledger import Charge, Count, Hold, Ledger, Tally
+from .windows import Window, seconds_until_fits, used
 
 
 @dataclass(frozen=True)
 class Reservation:
     principal: Principal
-    tokens: int
-    _headers: dict[str, str] = field(default_factory=dict)
+    hold: Hold | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    """OpenAI's ``x-ratelimit-*`` headers as of admission."""
 
-    def headers(self) -> dict[str, str]:
-        """OpenAI's ``x-ratelimit-*`` headers as of admission."""
-        return dict(self._headers)
+
+@dataclass(frozen=True)
+class Standing:
+    """One window of a key, as the key's own usage view shows it."""
+
+    window: Window
+    used: int
+    reserved: int
+    resets_at: float | None
+    """When it frees entirely; None for a rolling minute that is already empty."""
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.window.limit - self.used - self.reserved)
 
 
 def openai_duration(seconds: float) -> str:
@@ -45,83 +54,97 @@ def openai_duration(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
-def storage_for(uri: str) -> Storage:
-    """``memory://`` or ``redis://...`` as the library's async storage (redis-py client)."""
-    async_uri = uri if uri.startswith("async+") else f"async+{uri}"
-    options = {"implementation": "redispy"} if "redis" in async_uri.split("://", 1)[0] else {}
-    return storage_from_string(async_uri, **options)  # type: ignore[return-value]
+HOLD_MARGIN_S = 10  # past a request's time limit: the moments to abort it and settle
 
 
-class RateLimits:
-    def __init__(self, storage_uri: str, wall_clock: Callable[[], float] = time.time) -> None:
-        self._storage = storage_for(storage_uri)
-        self._window = MovingWindowRateLimiter(self._storage)
-        self._now = wall_clock  # the library stamps windows with time.time()
+class Limits:
+    def __init__(self, ledger: Ledger, request_timeout_s: float, wall_clock: Callable[[], float] = time.time) -> None:
+        self._ledger = ledger
+        self._hold_s = request_timeout_s + HOLD_MARGIN_S
+        """A reservation outlives its request by a moment at most: no request runs longer."""
+        self._now = wall_clock
 
     async def admit(self, principal: Principal, estimated_tokens: int) -> Reservation:
-        headers: dict[str, str] = {}
-        name = principal.name
-        if principal.tokens_per_minute is not None:
-            limit = principal.tokens_per_minute
-            if estimated_tokens > limit:
-                raise errors.over_request_budget(estimated_tokens, limit, name)
-            item = _tokens(limit)
-            stats = await self._window.get_window_stats(item, name)
-            available = stats.remaining - await self._reserved(name)
-            headers |= self._headers("tokens", limit, available - estimated_tokens, stats.reset_time)
-            if available < estimated_tokens:
-                raise self._refusal("tokens", limit, stats.reset_time, name, headers)
-        if principal.requests_per_minute is not None:
-            limit = principal.requests_per_minute
-            item = _requests(limit)
-            admitted = await self._window.hit(item, name)
-            stats = await self._window.get_window_stats(item, name)
-            headers |= self._headers("requests", limit, stats.remaining, stats.reset_time)
-            if not admitted:
-                raise self._refusal("requests", limit, stats.reset_time, name, headers)
-        if principal.tokens_per_minute is not None:
-            await self._storage.incr(_reserved_key(name), RESERVATION_TTL_S, estimated_tokens)
-        return Reservation(principal, estimated_tokens, headers)
+        windows = principal.windows
+        if not windows:
+            return Reservation(principal)
+        for window in windows:
+            if window.unit == "tokens" and estimated_tokens > window.limit:
+                raise errors.larger_than_limit(estimated_tokens, window.setting, window.limit, principal.name)
+        now = self._now()
+        holds_tokens = any(w.unit == "tokens" for w in windows)
+        hold = Hold(secrets.token_hex(8), estimated_tokens, now + self._hold_s) if holds_tokens else None
+        charges = [Charge(w, 1 if w.unit == "requests" else estimated_tokens) for w in windows]
+        tally = await self._ledger.admit(principal.name, charges, hold, now)
+        headers = self._headers(tally, estimated_tokens, now)
+        if tally.refused is not None:
+            raise self._refusal(principal, tally, estimated_tokens, now, headers)
+        return Reservation(principal, hold, headers)
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
-        principal = reservation.principal
-        if principal.tokens_per_minute is None:
-            return
-        await self._storage.incr(_reserved_key(principal.name), RESERVATION_TTL_S, -reservation.tokens)
-        item = _tokens(principal.tokens_per_minute)
-        stats = await self._window.get_window_stats(item, principal.name)
-        # A moving window refuses a hit larger than what is left, so charge what fits: the
-        # estimate was an upper bound, and anything beyond it was already allowed to run.
-        charge = min(used_tokens, stats.remaining)
-        if charge > 0:
-            await self._window.hit(item, principal.name, cost=charge)
+        if reservation.hold is not None:
+            principal = reservation.principal
+            await self._ledger.settle(
+                principal.name, reservation.hold.id, used_tokens, list(principal.windows), self._now()
+            )
 
-    async def _reserved(self, name: str) -> int:
-        return max(0, await self._storage.get(_reserved_key(name)))
+    async def standing(self, principal: Principal) -> list[Standing]:
+        if not principal.windows:
+            return []
+        now = self._now()
+        tally = await self._ledger.read(principal.name, list(principal.windows), now)
+        return [
+            Standing(
+                c.window,
+                math.ceil(used(c.slot, c.current, c.previous)),
+                tally.reserved if c.window.unit == "tokens" else 0,
+                _empty_at(c, now),
+            )
+            for c in tally.counts
+        ]
 
-    def _headers(self, what: str, limit: int, remaining: int, reset_at: float) -> dict[str, str]:
-        return {
-            f"x-ratelimit-limit-{what}": str(limit),
-            f"x-ratelimit-remaining-{what}": str(max(0, remaining)),
-            f"x-ratelimit-reset-{what}": openai_duration(reset_at - self._now()),
-        }
+    async def close(self) -> None:
+        await self._ledger.close()
+
+    def _headers(self, tally: Tally, cost: int, now: float) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for count in tally.counts:
+            window = count.window
+            if window.span != "minute":
+                continue
+            taken = used(count.slot, count.current, count.previous) + (tally.reserved if window.unit == "tokens" else 0)
+            charged = 1 if window.unit == "requests" else cost
+            remaining = window.limit - math.ceil(taken) - (charged if tally.refused is None else 0)
+            reset = _empty_at(count, now)
+            headers |= {
+                f"x-ratelimit-limit-{window.unit}": str(window.limit),
+                f"x-ratelimit-remaining-{window.unit}": str(max(0, remaining)),
+                f"x-ratelimit-reset-{window.unit}": openai_duration(reset - now if reset else 0),
+            }
+        return headers
 
     def _refusal(
-        self, what: str, limit: int, reset_at: float, name: str, headers: dict[str, str]
-    ) -> errors.OpenAIError:
-        # One past the window edge: a client that waits exactly this long is admitted.
-        retry_after = max(1, math.floor(reset_at - self._now()) + 1)
-        error = errors.rate_limited(what, limit, retry_after, name)
-        return dataclasses.replace(error, headers={**headers, **error.headers})
+        self, principal: Principal, tally: Tally, cost: int, now: float, headers: dict[str, str]
+    ) -> OpenAIError:
+        count = next(c for c in tally.counts if c.window == tally.refused)
+        window, slot = count.window, count.slot
+        charged = 1 if window.unit == "requests" else cost
+        if window.is_budget:
+            return errors.insufficient_quota(window.setting, window.limit, principal.name, slot.resets_at, now)
+        held = tally.reserved if window.unit == "tokens" else 0
+        wait = seconds_until_fits(window, slot, now, count.current, count.previous, charged + held)
+        if math.isinf(wait):  # what running requests hold will free when they end
+            wait = seconds_until_fits(window, slot, now, count.current, count.previous, charged)
+        # One past the moment it fits: a client that waits exactly this long is admitted.
+        error = errors.rate_limited(window.unit, window.limit, math.floor(wait) + 1, principal.name)
+        error.headers = {**headers, **error.headers}
+        return error
 
 
-def _requests(limit: int) -> RateLimitItemPerMinute:
-    return RateLimitItemPerMinute(limit, namespace="hermes-requests")
-
-
-def _tokens(limit: int) -> RateLimitItemPerMinute:
-    return RateLimitItemPerMinute(limit, namespace="hermes-tokens")
-
-
-def _reserved_key(name: str) -> str:
-    return f"hermes-reserved-tokens/{name}"
+def _empty_at(count: Count, now: float) -> float | None:
+    """When the window holds nothing of what is counted now."""
+    if count.slot.previous is None:
+        return count.slot.resets_at if count.current else None
+    if count.current:
+        return count.slot.resets_at + 60
+    return count.slot.resets_at if count.previous else None

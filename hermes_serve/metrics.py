@@ -47,6 +47,12 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.config_reloads = Counter(
+            "hermes_config_reloads",
+            "Reloads of the configuration file's keys, by result (ok, or error: the running keys stay).",
+            ["result"],
+            registry=registry,
+        )
         self.waiting = Gauge(
             "hermes_waiting_requests",
             "Requests waiting in the admission queue.",

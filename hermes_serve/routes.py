@@ -4,7 +4,7 @@ vLLM's admin routes (sleep, cache reset, LoRA loading, SageMaker's /invocations.
 in it, so they stay unreachable. A route with an ``api`` is metered generation: it goes
 through limits and admission. The others are forwarded to the engine after the key check
 (``engine_path`` where vLLM's path differs, ``answer`` to rewrite its JSON), answered by the
-gateway itself (``open``), or refused (``refusal``).
+gateway itself (``local``), or refused (``refusal``).
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class Route:
     engine_path: str | None = None
     answer: Answer | None = None
     refusal: Callable[[], OpenAIError] | None = None
+    local: str | None = None
+    """Answered by the gateway itself, by this handler (the engine is not asked)."""
     open: bool = False
-    """Answered by the gateway without a key (health)."""
+    """Answered without a key."""
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +77,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/tokenize", POST),
     Route("/detokenize", POST),
     Route("/version", GET),
-    Route("/health", GET, open=True),
+    Route("/v1/usage", GET, local="usage"),
+    Route("/health", GET, local="health", open=True),
 )
 
 

@@ -33,7 +33,9 @@ KEY_LIMITS = {
     "shared": {"requests_per_minute": 3},
     "thrifty": {"tokens_per_minute": 300},
     "meter": {"tokens_per_minute": 1_000_000},  # test_accounting's alone: its charges are exact
+    "daily": {"tokens_per_day": 200},  # test_keys's shared day budget
 }
+RELOAD_INTERVAL_S = 1
 
 
 def _section(keys: dict[str, str], redis_url: str) -> dict[str, object]:
@@ -41,10 +43,11 @@ def _section(keys: dict[str, str], redis_url: str) -> dict[str, object]:
         "device": "cpu",
         "model": {"served_name": SERVED_NAME, "max_model_len": 2048, "cpu_kvcache_space_gib": 1},
         "auth": {
+            "reload_interval_s": RELOAD_INTERVAL_S,
             "keys": [
                 {"name": name, "sha256": hashlib.sha256(keys[name].encode()).hexdigest(), **limits}
                 for name, limits in KEY_LIMITS.items()
-            ]
+            ],
         },
         "admission": {
             "max_concurrency": 1,

@@ -64,7 +64,8 @@ def test_fourth_request_at_three_per_minute_is_429(server: Server) -> None:
     with pytest.raises(openai.RateLimitError) as refused:
         client.chat.completions.create(model=SERVED_NAME, messages=HELLO, max_tokens=2)
     assert refused.value.code == "rate_limit_exceeded"
-    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 60
+    # A rolling minute counted as two (the last one weighted): it frees within two minutes.
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 120
 
 
 def test_request_larger_than_the_token_budget_is_429(server: Server) -> None:

@@ -23,8 +23,8 @@ def test_bearer_key_finds_its_named_principal_with_limits() -> None:
     )
     app = keyring.authenticate(f"Bearer {keys['app']}")
     svc = keyring.authenticate(f"bearer {keys['svc']}")
-    assert app is not None and (app.name, app.requests_per_minute, app.priority) == ("app", 60, 2)
-    assert svc is not None and (svc.name, svc.tokens_per_minute, svc.max_concurrency) == ("svc", 1000, 4)
+    assert app is not None and (app.name, app.limit("requests_per_minute"), app.priority) == ("app", 60, 2)
+    assert svc is not None and (svc.name, svc.limit("tokens_per_minute"), svc.max_concurrency) == ("svc", 1000, 4)
     assert keyring.generated_key is None
 
 

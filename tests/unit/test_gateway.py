@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +16,8 @@ from hermes_serve.apis import CHAT as CHAT_API
 from hermes_serve.auth import KeyRing, hash_key
 from hermes_serve.config import Settings, parse_settings
 from hermes_serve.gateway import Gateway, MetricsGuard
-from hermes_serve.limits import RateLimits
+from hermes_serve.ledger import MemoryLedger
+from hermes_serve.limits import Limits
 from hermes_serve.metrics import GatewayMetrics
 from tests.support import asgi
 from tests.support.asgi import Reply
@@ -30,7 +33,11 @@ async def call(app: Any, method: str, path: str, body: Any = None, *, key: str |
 
 
 def build(
-    engine: FakeEngine | None = None, *, registry: CollectorRegistry | None = None, **overrides: Any
+    engine: FakeEngine | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    **overrides: Any,
 ) -> tuple[Gateway, FakeEngine, Settings]:
     config: dict[str, Any] = {
         "auth": {
@@ -46,9 +53,10 @@ def build(
     gateway = Gateway(
         settings,
         KeyRing.from_settings(settings.auth, {}),
-        RateLimits("memory://"),
+        Limits(MemoryLedger(), settings.admission.request_timeout_s),
         AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue),
         GatewayMetrics(registry or CollectorRegistry()),
+        wall_clock=wall_clock,
     )
     gateway.attach(engine, ready=lambda: True)
     return gateway, engine, settings
@@ -213,7 +221,8 @@ async def test_rate_limit_is_429_with_retry_after() -> None:
         assert (await call(gateway, "POST", CHAT, HELLO)).status == 200
     refused = await call(gateway, "POST", CHAT, HELLO)
     assert refused.status == 429 and refused.error["code"] == "rate_limit_exceeded"
-    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    # A rolling minute counted as two (the last one weighted): it frees within two minutes.
+    assert 1 <= int(refused.headers["retry-after"]) <= 120
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
 
 
@@ -406,3 +415,94 @@ async def test_the_engine_gets_the_gateways_request_id_never_the_clients() -> No
     assert engine.headers[-1]["x-request-id"] == reply.headers["x-request-id"]
     listing = await call(gateway, "GET", "/v1/models")
     assert engine.headers[-1]["x-request-id"] == listing.headers["x-request-id"]
+
+
+# --- keys that change, expire, and see their own standing ---------------------------------
+
+
+def keyring(*keys: dict[str, Any]) -> KeyRing:
+    return KeyRing.from_settings(parse_settings({"auth": {"keys": list(keys)}}).auth, {})
+
+
+async def test_new_keys_apply_at_once_and_a_removed_keys_queued_requests_are_refused() -> None:
+    other = "hs-other-key"
+    gateway, engine, _ = build(
+        FakeEngine(delay_s=0.1, chunks=5), admission={"queue_timeout_s": 10, "request_timeout_s": 30}
+    )
+    assert (await call(gateway, "POST", CHAT, HELLO, key=other)).status == 401
+    running = asyncio.create_task(call(gateway, "POST", CHAT, {**HELLO, "stream": True}))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
+    await asyncio.sleep(0.05)
+    gateway.use_keys(keyring({"name": "other", "sha256": hash_key(other)}))  # "team" is gone
+    refused = await queued
+    assert (
+        refused.status == 401 and refused.error["code"] == "invalid_api_key" and "revoked" in refused.error["message"]
+    )
+    finished = await running
+    assert finished.status == 200 and finished.body.endswith(b"data: [DONE]\n\n"), "running requests are never cut"
+    assert (await call(gateway, "POST", CHAT, HELLO)).status == 401
+    assert (await call(gateway, "POST", CHAT, HELLO, key=other)).status == 200
+    assert len(engine.bodies) == 2
+
+
+async def test_an_expired_key_is_refused() -> None:
+    now = [1_000.0]
+    expiring = {"name": "team", "sha256": hash_key(KEY), "expires_at": "1970-01-01T00:20:00Z"}
+    gateway, engine, _ = build(auth={"keys": [expiring]}, wall_clock=lambda: now[0])
+    assert (await call(gateway, "POST", CHAT, HELLO)).status == 200
+    now[0] = 1_200.0
+    expired = await call(gateway, "POST", CHAT, HELLO)
+    assert expired.status == 401 and "expired" in expired.error["message"]
+    assert (await call(gateway, "GET", "/v1/usage")).status == 401
+    assert len(engine.bodies) == 1
+
+
+async def test_usage_shows_the_calling_keys_own_standing() -> None:
+    limits = {
+        "requests_per_minute": 10,
+        "tokens_per_minute": 1000,
+        "tokens_per_day": 5000,
+        "expires_at": "2099-01-01T00:00:00Z",
+    }
+    gateway, _, _ = build(
+        auth={
+            "keys": [
+                {"name": "team", "sha256": hash_key(KEY), **limits},
+                {"name": "free", "sha256": hash_key("hs-free")},
+            ]
+        }
+    )
+    await call(gateway, "POST", CHAT, HELLO)
+    usage = (await call(gateway, "GET", "/v1/usage")).json()
+    assert usage["key"] == "team" and usage["expires_at"] == "2099-01-01T00:00:00Z"
+    assert set(usage["limits"]) == {"requests_per_minute", "tokens_per_minute", "tokens_per_day"}
+    tokens = usage["limits"]["tokens_per_day"]
+    assert (tokens["used"], tokens["reserved"], tokens["remaining"], tokens["limit"]) == (
+        USAGE["total_tokens"],
+        0,
+        5000 - 15,
+        5000,
+    )
+    assert tokens["window"] == "calendar day (UTC)" and tokens["resets_at"].endswith("T00:00:00Z")
+    assert usage["limits"]["requests_per_minute"]["used"] == 1
+    assert (await call(gateway, "GET", "/v1/usage", key="hs-free")).json() == {
+        "object": "usage",
+        "key": "free",
+        "expires_at": None,
+        "limits": {},
+    }
+    assert (await call(gateway, "GET", "/v1/usage", key=None)).status == 401
+
+
+async def test_a_day_budget_is_429_insufficient_quota_without_sdk_retries() -> None:
+    gateway, engine, _ = build(auth={"keys": [{"name": "team", "sha256": hash_key(KEY), "tokens_per_day": 2100}]})
+    assert (await call(gateway, "POST", CHAT, {**HELLO, "max_tokens": 1000})).status == 200
+    refused = await call(gateway, "POST", CHAT, {**HELLO, "max_tokens": 2090})
+    assert (
+        refused.status == 429
+        and refused.error["code"] == "insufficient_quota"
+        and refused.error["type"] == "insufficient_quota"
+    )
+    assert refused.headers["x-should-retry"] == "false" and int(refused.headers["retry-after"]) > 0
+    assert len(engine.bodies) == 1
