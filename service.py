@@ -16,13 +16,13 @@ from starlette.routing import Mount
 from hermes_serve import errors
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
-from hermes_serve.config import config_path, load_settings
+from hermes_serve.config import Settings, config_path, load_settings
 from hermes_serve.engine import Engine
 from hermes_serve.gateway import Gateway, MetricsGuard
 from hermes_serve.ledger import ledger_for
 from hermes_serve.limits import Limits
 from hermes_serve.metrics import GatewayMetrics
-from hermes_serve.models import resolve_model_path
+from hermes_serve.models import adapter_paths, resolve_model_path
 from hermes_serve.reload import ConfigWatcher, watch
 from hermes_serve.supervisor import forward_sighup
 
@@ -78,18 +78,19 @@ class HermesService:
         admission = AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue)
         gateway = Gateway(settings, keyring, self.limits, admission, metrics)
         front.app = gateway
+        self.engine = engine = Engine(settings, on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+        async def apply(new: Settings) -> None:  # a reloaded configuration file
+            await engine.use_adapters(adapter_paths(new))
+            gateway.use_keys(KeyRing.from_settings(new.auth, os.environ, reloading=gateway.keyring))
+
         watcher = ConfigWatcher(
-            config_path(os.environ, Path.cwd()),
-            load=lambda: load_settings(os.environ),
-            apply=lambda new: gateway.use_keys(KeyRing.from_settings(new.auth, os.environ, reloading=gateway.keyring)),
-            running=settings,
-            metrics=metrics,
+            config_path(os.environ, Path.cwd()), lambda: load_settings(os.environ), apply, settings, metrics
         )
         self.stop_watching = watch(watcher, settings.auth.reload_interval_s)
-        self.engine = Engine(settings, on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
-        app = await self.engine.start(resolve_model_path(settings.model.source))
-        gateway.attach(app, lambda: self.engine is not None and self.engine.ready)
-        logger.info("serving %s", settings.model.served_name)
+        app = await engine.start(resolve_model_path(settings.model.source), adapter_paths(settings))
+        gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models)
+        logger.info("serving %s", ", ".join(sorted(engine.served_models)))
 
     @bentoml.on_shutdown
     async def stop(self) -> None:

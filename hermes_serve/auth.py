@@ -41,6 +41,9 @@ class Principal:
     priority: int = 0
     expires_at: float | None = None
     """Wall-clock seconds (UTC) from which the key is refused."""
+    models: frozenset[str] | None = None
+    """The models it may use; None: all."""
+    cache_group: str | None = None
 
     @classmethod
     def of(cls, key: ApiKey) -> Principal:
@@ -50,7 +53,11 @@ class Principal:
             if (limit := getattr(key, setting)) is not None
         )
         expires = key.expires_at.timestamp() if key.expires_at is not None else None
-        return cls(key.name, windows, key.max_concurrency, key.priority, expires)
+        models = frozenset(key.models) if key.models is not None else None
+        return cls(key.name, windows, key.max_concurrency, key.priority, expires, models, key.share_cache_with)
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
     def limit(self, setting: str) -> int | None:
         return next((w.limit for w in self.windows if w.setting == setting), None)
@@ -115,6 +122,11 @@ class KeyRing:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def unknown_models(self, served: frozenset[str]) -> dict[str, list[str]]:
+        """Model names keys list that nothing serves: adapters come and go while keys stay."""
+        unknown = {p.name: sorted(p.models - served) for _, p in self._entries if p.models is not None}
+        return {name: models for name, models in unknown.items() if models}
 
     def revoked_by(self, new: KeyRing) -> set[str]:
         """Names of keys that ``new`` no longer accepts as they are: removed, disabled, or

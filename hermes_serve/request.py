@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -22,9 +23,8 @@ class ClientDisconnected(Exception):
 
 
 class Incoming:
-    def __init__(self, scope: Scope, receive: Receive, request_id: str) -> None:
+    def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
-        self._request_id = request_id
         self.receive = receive
         """The client's own receive, for routes that pass the request through unread."""
         self.headers = Headers(scope=scope)
@@ -67,21 +67,29 @@ class Incoming:
         """The body the engine reads instead of the client's."""
         self._body = json.dumps(body, ensure_ascii=False).encode()
 
-    def engine_scope(self, path: str | None = None) -> Scope:
-        """The request as the engine sees it: the gateway's request id (vLLM names its engine
-        request after it, so the two logs share it), the rewritten body's length, and the
-        engine's own path where the gateway's differs."""
-        scope = {**self.scope, "headers": list(self.scope["headers"])}
+    def engine_scope(
+        self, path: str | None = None, headers: Mapping[str, str] | None = None, drop: Iterable[str] = ()
+    ) -> Scope:
+        """The request as the engine sees it: the client's headers less ``drop``, plus
+        ``headers``, the rewritten body's length, and the engine's own path where the
+        gateway's differs."""
+        scope = {
+            **self.scope,
+            "headers": [(k, v) for k, v in self.scope["headers"] if k.lower().decode("latin-1") not in drop],
+        }
         if path is not None:
             scope["path"], scope["raw_path"] = path, path.encode()
-        headers = MutableHeaders(scope=scope)
-        headers["x-request-id"] = self._request_id
+        mutable = MutableHeaders(scope=scope)
+        for name, value in (headers or {}).items():
+            mutable[name] = value
         if self._body is not None:
-            headers["content-length"] = str(len(self._body))
+            mutable["content-length"] = str(len(self._body))
         return scope
 
     async def engine_receive(self) -> Message:
-        if not self.delivered and self._body is not None:
+        if self._body is None:  # not read by the gateway: the engine reads it from the client
+            return await self.receive()
+        if not self.delivered:
             self.delivered = True
             return {"type": "http.request", "body": self._body, "more_body": False}
         await self._engine_cut_off.wait()

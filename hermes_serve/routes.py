@@ -18,24 +18,29 @@ from starlette.routing import compile_path
 
 from . import errors
 from .apis import CHAT, COMPLETIONS, MESSAGES, RESPONSES, Api
+from .auth import Principal
 from .errors import ANTHROPIC, OPENAI, Dialect, OpenAIError
 from .errors import RESPONSES as RESPONSES_DIALECT
 
 GET, POST = frozenset({"GET"}), frozenset({"POST"})
 
-Answer = Callable[[Any, dict[str, str]], Any]
-"""Rewrites the engine's JSON answer, given the route's path parameters."""
+Answer = Callable[[Any, dict[str, str], Principal], Any]
+"""Rewrites the engine's JSON answer, given the route's path parameters and the caller."""
 
 
-def model_list(answer: Any, params: dict[str, str]) -> Any:
-    """vLLM's model list names the weights' directory as ``root``: a server path."""
-    for model in answer.get("data", []) if isinstance(answer, dict) else []:
+def model_list(answer: Any, params: dict[str, str], principal: Principal) -> Any:
+    """The models the key may use. vLLM names the weights' directory as ``root``: a server
+    path, replaced by the model's name."""
+    if not isinstance(answer, dict):
+        return answer
+    answer["data"] = [m for m in answer.get("data", []) if principal.may_use(str(m.get("id")))]
+    for model in answer["data"]:
         model["root"] = model.get("id")
     return answer
 
 
-def one_model(answer: Any, params: dict[str, str]) -> Any:
-    for model in model_list(answer, params).get("data", []):
+def one_model(answer: Any, params: dict[str, str], principal: Principal) -> Any:
+    for model in model_list(answer, params, principal).get("data", []):
         if model.get("id") == params["model"]:
             return model
     raise errors.model_not_found(params["model"])

@@ -1,13 +1,17 @@
 """Real `bentoml serve` processes with the real engine and weights, shared by the session.
 
-One configuration serves every e2e test: a concurrency of 1 with a queue of 1 and short
-timeouts (so overload and timeouts can be provoked), keys with small limits, and limits kept
-in a private Redis. A second process over the same Redis proves the limits are shared.
+Two servers read one configuration file and share one private Redis, as two replicas would:
+keys with small limits, a concurrency of 1 with a queue of 1 and short timeouts (so overload
+and timeouts can be provoked on the first). The second proves limits and key changes are
+shared, and is also the isolation server: it serves the file's two tiny LoRA adapters (the
+first is told to serve none), and its environment adds a deliberately small KV cache, room
+for a flood of requests in its engine, and longer timeouts (the priority experiment).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import time
@@ -18,6 +22,7 @@ import openai
 import pytest
 
 from tests.support import servers
+from tests.support.lora import RANK, write_adapter
 from tests.support.servers import Server
 
 READY_TIMEOUT_S = float(os.environ.get("HERMES_TEST_READY_TIMEOUT", "900"))
@@ -34,14 +39,31 @@ KEY_LIMITS = {
     "thrifty": {"tokens_per_minute": 300},
     "meter": {"tokens_per_minute": 1_000_000},  # test_accounting's alone: its charges are exact
     "daily": {"tokens_per_day": 200},  # test_keys's shared day budget
+    "cache-a": {},  # test_isolation's prefix-cache keys
+    "cache-b": {},
+    "batch": {"priority": -5},  # the priority experiment: a flood, and who gets ahead of it
+    "peer": {"priority": -5},
+    "interactive": {"priority": 5},
+    "base-only": {"models": [SERVED_NAME]},
 }
+ADAPTERS = {"tiny-zero": 0.0, "tiny-random": 1.0}  # name: scale of the adapter's B matrices
+# About 1 200 tokens of SmolLM2-135M (vLLM wants room for one whole context, 1 024 here): a
+# few long generations fill it.
+ISOLATED_CONTEXT = 1024
+KV_CACHE_BYTES = 28 * 2**20
 RELOAD_INTERVAL_S = 1
 
 
-def _section(keys: dict[str, str], redis_url: str) -> dict[str, object]:
+def _section(keys: dict[str, str], redis_url: str, adapters: list[dict[str, str]]) -> dict[str, object]:
     return {
         "device": "cpu",
-        "model": {"served_name": SERVED_NAME, "max_model_len": 2048, "cpu_kvcache_space_gib": 1},
+        "model": {
+            "served_name": SERVED_NAME,
+            "max_model_len": 2048,
+            "cpu_kvcache_space_gib": 1,
+            "adapters": adapters,
+            "max_lora_rank": RANK,
+        },
         "auth": {
             "reload_interval_s": RELOAD_INTERVAL_S,
             "keys": [
@@ -66,11 +88,31 @@ def servers_pair(
 ) -> Iterator[tuple[Server, Server]]:
     workdir = tmp_path_factory.mktemp("e2e")
     keys = {name: "hs-test-" + secrets.token_urlsafe(16) for name in KEY_LIMITS}
+    adapters = [
+        {"name": name, "source": str(write_adapter(embedded_model_dir, workdir / "adapters" / name, scale))}
+        for name, scale in ADAPTERS.items()
+    ]
     config = workdir / "configuration.yaml"
-    servers.write_config(config, _section(keys, redis_url))
+    servers.write_config(config, _section(keys, redis_url, adapters))
     models = embedded_model_dir.parents[1]  # the user's store, shared by both servers' homes
+    first = {"HERMES_MODEL__ADAPTERS": "[]"}  # LoRA stays off (it turns torch.compile off on CPU)
+    isolation = {
+        "HERMES_MODEL__CPU_KVCACHE_SPACE_GIB": "null",
+        "HERMES_MODEL__MAX_MODEL_LEN": str(ISOLATED_CONTEXT),
+        "HERMES_MODEL__ENGINE_ARGS": json.dumps(["--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]),
+        "HERMES_ADMISSION__MAX_CONCURRENCY": "40",
+        "HERMES_ADMISSION__MAX_QUEUE": "40",
+        "HERMES_ADMISSION__REQUEST_TIMEOUT_S": "120",
+    }
     started = [
-        servers.start(config, workdir / f"server-{i}", keys, models=models, cpus=servers.cpu_share(i, 2))
+        servers.start(
+            config,
+            workdir / f"server-{i}",
+            keys,
+            models=models,
+            cpus=servers.cpu_share(i, 2),
+            environment=isolation if i == 1 else first,
+        )
         for i in range(2)
     ]
     try:
@@ -89,6 +131,12 @@ def servers_pair(
 @pytest.fixture(scope="session")
 def server(servers_pair: tuple[Server, Server]) -> Server:
     return servers_pair[0]
+
+
+@pytest.fixture(scope="session")
+def isolated(servers_pair: tuple[Server, Server]) -> Server:
+    """The second server: adapters, a small KV cache, a flood's room (see the module's doc)."""
+    return servers_pair[1]
 
 
 @pytest.fixture

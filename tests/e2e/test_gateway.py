@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import QUEUE_TIMEOUT_S, REQUEST_TIMEOUT_S, SERVED_NAME
-from tests.support.servers import Server
+from tests.support.servers import Server, wait_until
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 LONG = {
@@ -27,15 +27,6 @@ def _error(response: httpx.Response) -> dict[str, object]:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == OPENAI_ERROR_FIELDS, body
     return body["error"]
-
-
-def _wait_until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def _engine_idle(server: Server) -> bool:
@@ -93,9 +84,9 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
 
     with ThreadPoolExecutor(3) as pool:
         pool.submit(post, "running")
-        assert _wait_until(lambda: server.metric("hermes_running_requests") == 1)
+        assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
         pool.submit(post, "queued")
-        assert _wait_until(lambda: server.metric("hermes_waiting_requests") == 1)
+        assert wait_until(lambda: server.metric("hermes_waiting_requests") == 1)
         post("refused")
     refused, queued, running = results["refused"], results["queued"], results["running"]
 
@@ -104,7 +95,7 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
     assert int(refused.headers["retry-after"]) >= 1
     assert queued.status_code == 504 and _error(queued)["code"] == "queue_timeout", queued.text
     assert running.status_code == 504 and _error(running)["code"] == "request_timeout", running.text
-    assert _wait_until(lambda: _engine_idle(server)), "engine request was not aborted"
+    assert wait_until(lambda: _engine_idle(server)), "engine request was not aborted"
 
 
 def test_stream_past_request_timeout_ends_with_an_error_frame(server: Server) -> None:
@@ -114,7 +105,7 @@ def test_stream_past_request_timeout_ends_with_an_error_frame(server: Server) ->
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert REQUEST_TIMEOUT_S - 1 <= time.monotonic() - started < REQUEST_TIMEOUT_S + 15
     assert '"request_timeout"' in events[-2] and events[-1] == "data: [DONE]"
-    assert _wait_until(lambda: _engine_idle(server))
+    assert wait_until(lambda: _engine_idle(server))
 
 
 def test_client_that_cuts_a_stream_frees_the_engine(server: Server) -> None:
@@ -124,7 +115,7 @@ def test_client_that_cuts_a_stream_frees_the_engine(server: Server) -> None:
             next(lines)
         assert server.metric("vllm:num_requests_running") == 1
     # Leaving the block closes the connection mid-stream.
-    assert _wait_until(lambda: _engine_idle(server), timeout=5), "engine kept generating"
+    assert wait_until(lambda: _engine_idle(server), timeout=5), "engine kept generating"
 
 
 def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> None:
@@ -142,14 +133,14 @@ def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> No
     holder = threading.Thread(target=hold_the_slot)
     holder.start()
     try:
-        assert _wait_until(lambda: server.metric("hermes_running_requests") == 1)
+        assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
         with pytest.raises(httpx.ReadTimeout), server.http() as http:
             http.post("/v1/chat/completions", json=LONG, timeout=1.0)
-        assert _wait_until(lambda: server.metric("hermes_waiting_requests") == 0, timeout=QUEUE_TIMEOUT_S - 1)
+        assert wait_until(lambda: server.metric("hermes_waiting_requests") == 0, timeout=QUEUE_TIMEOUT_S - 1)
     finally:
         done.set()
         holder.join()
-    assert _wait_until(lambda: _engine_idle(server))
+    assert wait_until(lambda: _engine_idle(server))
 
 
 @pytest.mark.parametrize(

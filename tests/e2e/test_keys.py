@@ -9,54 +9,17 @@ import hashlib
 import secrets
 import signal
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import openai
 import pytest
-import yaml
 
 from hermes_serve.apis import CHAT
 from tests.e2e.conftest import SERVED_NAME
-from tests.support.servers import Server, process_tree
+from tests.support.reloading import edited, reloads
+from tests.support.servers import Server, process_tree, wait_until
 
 HELLO = [{"role": "user", "content": "Say hello."}]
-
-
-def reloads(server: Server, result: str = "ok") -> float:
-    return server.metric("hermes_config_reloads_total", result=result)
-
-
-def wait_until(condition: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-@contextmanager
-def edited(servers: tuple[Server, ...], change: Any, result: str = "ok") -> Iterator[float]:
-    """Edit the shared configuration file with ``change(section)``; wait (at most 5 s) until
-    every server has reloaded it; restore it afterwards. Yields the seconds the reload took."""
-    config = servers[0].config
-    assert config is not None
-    original = config.read_text()
-    document = yaml.safe_load(original)
-    change(document["services"]["hermes"])
-    before = [reloads(s, result) for s in servers]
-    started = time.monotonic()
-    config.write_text(yaml.safe_dump(document))
-    try:
-        assert wait_until(lambda: all(reloads(s, result) > b for s, b in zip(servers, before, strict=True)), 5)
-        yield time.monotonic() - started
-    finally:
-        before = [reloads(s) for s in servers]
-        config.write_text(original)
-        assert wait_until(lambda: all(reloads(s) > b for s, b in zip(servers, before, strict=True)), 5)
 
 
 def add_key(name: str, secret: str, **settings: Any) -> Any:

@@ -48,12 +48,14 @@ def start_vllm(model_path: str, workdir: Path) -> Server:
     return Server(f"http://127.0.0.1:{port}", {}, log, process, ready_path="/health")
 
 
-def start_hermes(key: str, workdir: Path) -> Server:
+def start_hermes(key: str, workdir: Path, adapters: list[dict[str, str]] | None = None) -> Server:
     # The shipped configuration with one key whose limits cannot bind, and room for every client.
     document = yaml.safe_load((REPO / "configuration.yaml").read_text())
     section = document["services"]["hermes"]
     section["auth"]["keys"] = [{"name": "bench", "sha256": hashlib.sha256(key.encode()).hexdigest()}]
     section["admission"].update(max_concurrency=256, max_queue=256)
+    if adapters:
+        section["model"].update(adapters=adapters, max_lora_rank=8)
     servers.write_config(workdir / "configuration.yaml", section)
     return servers.start(workdir / "configuration.yaml", workdir / "hermes", {"bench": key})
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hermes_serve.config import load_settings, parse_settings
+from hermes_serve.config import SettingsError, load_settings, parse_settings
 from hermes_serve.engine import engine_cli_args, engine_environment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,3 +69,29 @@ def test_engine_args_pass_through_last(vllm_parser) -> None:  # type: ignore[no-
 def test_no_tool_parser_means_no_auto_tool_choice() -> None:
     argv = engine_cli_args(parse_settings({"model": {"tool_call_parser": None}}), "m")
     assert "--enable-auto-tool-choice" not in argv
+
+
+def test_priority_scheduling_and_cached_token_counts_are_always_on(vllm_parser) -> None:  # type: ignore[no-untyped-def]
+    args = vllm_parser.parse_args(engine_cli_args(parse_settings({}), "m"))
+    assert args.scheduling_policy == "priority" and args.enable_prompt_tokens_details
+
+
+def test_lora_is_on_only_with_adapters(vllm_parser) -> None:  # type: ignore[no-untyped-def]
+    settings = parse_settings(
+        {
+            "model": {
+                "adapters": [{"name": "a", "source": "x:1"}, {"name": "b", "source": "/b"}],
+                "max_lora_rank": 8,
+                "max_loras": 2,
+            }
+        }
+    )
+    args = vllm_parser.parse_args(engine_cli_args(settings, "m", {"a": "/store/a", "b": "/b"}))
+    assert args.enable_lora and args.max_lora_rank == 8 and args.max_loras == 2
+    assert {(m.name, m.path) for m in args.lora_modules} == {("a", "/store/a"), ("b", "/b")}
+    assert not vllm_parser.parse_args(engine_cli_args(parse_settings({}), "m")).enable_lora
+
+
+def test_adapter_names_must_not_clash() -> None:
+    with pytest.raises(SettingsError, match="adapter names"):
+        parse_settings({"model": {"adapters": [{"name": "smollm2-135m-instruct", "source": "/a"}]}})

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from hermes_serve import routes
+from hermes_serve.auth import Principal
 from hermes_serve.errors import OpenAIError
 
 
@@ -41,9 +42,26 @@ def test_generation_routes_are_exactly_the_metered_apis() -> None:
     }
 
 
+def listing() -> dict[str, list[dict[str, str]]]:
+    return {"data": [{"id": "a", "root": "/srv/a"}, {"id": "b", "root": "/srv/b"}]}
+
+
 def test_one_model_picks_by_id_and_hides_roots() -> None:
-    listing = {"data": [{"id": "a", "root": "/srv/a"}, {"id": "b", "root": "/srv/b"}]}
-    assert routes.one_model(listing, {"model": "b"}) == {"id": "b", "root": "b"}
+    assert routes.one_model(listing(), {"model": "b"}, Principal("all")) == {"id": "b", "root": "b"}
     with pytest.raises(OpenAIError) as missing:
-        routes.one_model(listing, {"model": "c"})
+        routes.one_model(listing(), {"model": "c"}, Principal("all"))
     assert missing.value.status == 404
+
+
+def test_a_key_sees_only_the_models_it_may_use() -> None:
+    only_a = Principal("only-a", models=frozenset({"a"}))
+    assert [m["id"] for m in routes.model_list(listing(), {}, only_a)["data"]] == ["a"]
+    with pytest.raises(OpenAIError) as hidden:
+        routes.one_model(listing(), {"model": "b"}, only_a)
+    with pytest.raises(OpenAIError) as missing:
+        routes.one_model(listing(), {"model": "zzz"}, only_a)
+    assert hidden.value.body() == {
+        **missing.value.body(),
+        "error": {**missing.value.body()["error"], "message": hidden.value.message},
+    }
+    assert hidden.value.message == missing.value.message.replace("zzz", "b")
