@@ -78,7 +78,11 @@ class HermesService:
         admission = AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue)
         gateway = Gateway(settings, keyring, self.limits, admission, metrics)
         front.app = gateway
-        self.engine = engine = Engine(settings, on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        self.engine = engine = Engine(
+            settings,
+            on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM),
+            on_restarted=lambda app: gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models),
+        )
 
         async def apply(new: Settings) -> None:  # a reloaded configuration file
             await engine.use_adapters(adapter_paths(new))

@@ -11,10 +11,13 @@ import contextlib
 import logging
 import os
 import signal
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from .config import Settings
+from .vllm_patches import PLUGINS_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +61,36 @@ def engine_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-class Engine:
-    """Owns the engine client for the service's lifetime; ``app`` is vLLM's OpenAI FastAPI app."""
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 600.0  # more deaths than MAX_RESTARTS within this: give up, let the supervisor act
 
-    def __init__(self, settings: Settings, on_death: Callable[[], None]) -> None:
+
+class Engine:
+    """Owns the engine client for the service's lifetime; ``app`` is vLLM's OpenAI FastAPI app.
+
+    When the engine dies (its core process killed, out of memory...), it is started again in
+    this process: the API keeps answering (503 ``model_not_ready`` meanwhile) and nothing but
+    the engine restarts. Past ``MAX_RESTARTS`` deaths in ``RESTART_WINDOW_S``, ``on_fatal`` is
+    called (it stops the worker, so BentoML's supervisor or the container's restarts it).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_fatal: Callable[[], None],
+        on_restarted: Callable[[Any], None] = lambda app: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._settings = settings
-        self._on_death = on_death
+        self._on_fatal = on_fatal
+        self._on_restarted = on_restarted
+        self._clock = clock
         self._stack = contextlib.AsyncExitStack()
+        self._args: Any = None
         self._client: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
+        self._deaths: list[float] = []
         self._adapters: dict[str, str] = {}
         self.app: Any = None
 
@@ -76,38 +99,42 @@ class Engine:
         return self._client is not None and not self._client.errored
 
     async def start(self, model_path: str, adapter_paths: dict[str, str] | None = None) -> Any:
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-        from vllm.entrypoints.launchers.app import build_app
-        from vllm.entrypoints.launchers.cli_args import (
-            make_arg_parser,
-            validate_parsed_serve_args,
-        )
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
         os.environ.update(engine_environment(self._settings))
+        if str(PLUGINS_PATH) not in sys.path:  # vLLM's spawned processes inherit sys.path
+            sys.path.append(str(PLUGINS_PATH))
         parser = make_arg_parser(FlexibleArgumentParser())
-        args = parser.parse_args(engine_cli_args(self._settings, model_path, adapter_paths))
-        validate_parsed_serve_args(args)
-
-        client = await self._stack.enter_async_context(build_async_engine_client(args))
-        tasks = await client.get_supported_tasks()
-        app = build_app(args, tasks, client.model_config)
-        await init_app_state(client, app.state, args, tasks)
-        self._client, self.app = client, app
+        self._args = parser.parse_args(engine_cli_args(self._settings, model_path, adapter_paths))
+        validate_parsed_serve_args(self._args)
         self._adapters = dict(adapter_paths or {})
+        app = await self._build()
         self._note_exit_signals()
         self._watchdog = asyncio.create_task(self._watch())
+        return app
+
+    async def _build(self) -> Any:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.app import build_app
+
+        client = await self._stack.enter_async_context(build_async_engine_client(self._args))
+        tasks = await client.get_supported_tasks()
+        app = build_app(self._args, tasks, client.model_config)
+        await init_app_state(client, app.state, self._args, tasks)
+        self._client, self.app = client, app
         return app
 
     @property
     def served_models(self) -> frozenset[str]:
         return frozenset({self._settings.model.served_name, *self._adapters})
 
-    async def use_adapters(self, adapter_paths: dict[str, str]) -> None:
+    async def use_adapters(self, adapter_paths: dict[str, str], reload_all: bool = False) -> None:
         """Load and unload LoRA adapters in the running engine, as the configuration now lists
-        them. vLLM allows it only when LoRA was on at start (some adapter configured then)."""
-        if adapter_paths == self._adapters:
+        them. vLLM allows it only when LoRA was on at start (some adapter configured then).
+        ``reload_all``: the engine is new (restarted) and knows only its start-up list."""
+        if adapter_paths == self._adapters and not reload_all:
             return
         if not self._adapters:
             logger.warning("adapters changed but LoRA was off at start: restart to serve them")
@@ -119,7 +146,7 @@ class Engine:
             await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
             del self._adapters[name]
         for name, path in adapter_paths.items():
-            if self._adapters.get(name) != path:
+            if self._adapters.get(name) != path or reload_all:
                 result = await models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
                 if isinstance(result, str):
                     self._adapters[name] = path
@@ -135,14 +162,40 @@ class Engine:
         await self._stack.aclose()
 
     async def _watch(self) -> None:
-        # vLLM's own server exits when the engine core dies; in-process we must do it
+        # vLLM's own server exits when the engine core dies; in-process we notice it
         # ourselves, or readiness stays green while every request fails.
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
-            if self._client is not None and self._client.errored and not self._stopping:
-                logger.critical("vLLM engine died; stopping this worker so it is restarted")
-                self._on_death()
+            if self._client is None or not self._client.errored or self._stopping:
+                continue
+            now = self._clock()
+            self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+            if len(self._deaths) > MAX_RESTARTS:
+                logger.critical(
+                    "vLLM engine died %d times in %.0fs; stopping this worker", len(self._deaths), RESTART_WINDOW_S
+                )
+                self._on_fatal()
                 return
+            logger.critical("vLLM engine died; starting it again (the API answers 503 meanwhile)")
+            await self._restart()
+
+    async def _restart(self) -> None:
+        started = self._clock()
+        self._client = None  # not ready from here on
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        try:  # the dead engine's processes and sockets: nothing left to drain
+            await asyncio.wait_for(stack.aclose(), timeout=30)
+        except Exception:
+            logger.warning("the dead engine did not close cleanly", exc_info=True)
+        try:
+            app = await self._build()
+        except Exception:
+            logger.critical("the engine did not start again; stopping this worker", exc_info=True)
+            self._on_fatal()
+            return
+        await self.use_adapters(dict(self._adapters), reload_all=True)
+        self._on_restarted(app)
+        logger.warning("vLLM engine running again after %.0fs", self._clock() - started)
 
     def _note_exit_signals(self) -> None:
         # On Ctrl-C/SIGTERM the engine's processes get the signal too and may stop before our

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import sys
 import time
@@ -122,15 +123,25 @@ def _download(repo_id: str, target: Path) -> None:
 
 
 def resolve_model_path(source: str) -> str:
-    """A local directory as is; a store tag to its path; anything else (a hub id) unchanged."""
+    """A local directory as is; a store tag (``name:version``) to its directory; anything else
+    (a hub id) unchanged. Symlinks are resolved: vLLM's compile cache is keyed by the path."""
     if Path(source).is_dir():
+        return os.path.realpath(source)
+    if ":" not in source:
         return source
     import bentoml
 
     try:
-        return str(bentoml.models.get(source).path)
-    except (bentoml.exceptions.NotFound, ValueError):
-        return source
+        return os.path.realpath(bentoml.models.get(source).path)
+    except bentoml.exceptions.NotFound:
+        raise not_in_store(source) from None
+
+
+def not_in_store(tag: str) -> ImportFailed:
+    name = tag.split(":", 1)[0]
+    return ImportFailed(
+        f"{tag} is not in the store; import it first: python -m hermes_serve.models import SOURCE --name {name}"
+    )
 
 
 def adapter_paths(settings: Settings) -> dict[str, str]:
@@ -175,9 +186,7 @@ def _import_store_tag(tag: str, force: bool) -> None:
     try:
         print(bentoml.models.get(tag).tag)
     except bentoml.exceptions.NotFound:
-        raise ImportFailed(
-            f"{tag} is not in the store; import it first: python -m hermes_serve.models import SOURCE --name {name}"
-        ) from None
+        raise not_in_store(tag) from None
 
 
 if __name__ == "__main__":

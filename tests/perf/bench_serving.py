@@ -56,8 +56,11 @@ def start_hermes(key: str, workdir: Path, adapters: list[dict[str, str]] | None 
     section["admission"].update(max_concurrency=256, max_queue=256)
     if adapters:
         section["model"].update(adapters=adapters, max_lora_rank=8)
+    workdir.mkdir(parents=True, exist_ok=True)
     servers.write_config(workdir / "configuration.yaml", section)
-    return servers.start(workdir / "configuration.yaml", workdir / "hermes", {"bench": key})
+    # Its own BentoML home (metrics), sharing the user's model store.
+    store = Path(resolve_model_path(section["model"]["source"])).parents[1]
+    return servers.start(workdir / "configuration.yaml", workdir / "hermes", {"bench": key}, models=store)
 
 
 def tree_rss_gib(server: Server) -> float:
