@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -12,16 +13,17 @@ from typing import Any, cast
 import bentoml
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hermes_serve import errors
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
 from hermes_serve.config import Settings, config_path, load_settings
 from hermes_serve.engine import Engine
-from hermes_serve.gateway import Gateway, MetricsGuard
+from hermes_serve.gateway import Gateway, MetricsGuard, with_cors
 from hermes_serve.ledger import ledger_for
 from hermes_serve.limits import Limits
-from hermes_serve.metrics import GatewayMetrics
+from hermes_serve.metrics import GatewayMetrics, sample_event_loop
 from hermes_serve.models import adapter_paths, resolve_model_path
 from hermes_serve.reload import ConfigWatcher, watch
 from hermes_serve.supervisor import forward_sighup
@@ -34,9 +36,10 @@ forward_sighup()
 class LateBound:
     """The ASGI app BentoML mounts at import time; the gateway is plugged in at start-up."""
 
-    app: Gateway | None = None
+    app: ASGIApp | None = None
+    gateway: Gateway | None = None
 
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.app is not None:
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
@@ -59,6 +62,7 @@ class HermesService:
         self.engine: Engine | None = None
         self.limits: Limits | None = None
         self.stop_watching: Callable[[], None] = lambda: None
+        self.sampler: asyncio.Task[None] | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
@@ -74,14 +78,22 @@ class HermesService:
                 flush=True,
             )
         metrics = GatewayMetrics()
-        self.limits = Limits(ledger_for(settings.limits_storage), settings.admission.request_timeout_s)
+        self.limits = Limits(
+            ledger_for(settings.limits_storage),
+            settings.admission.request_timeout_s,
+            on_storage_failure=settings.limits_on_storage_failure,
+            storage_state=metrics.limits_storage_up.set,
+        )
         admission = AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue)
         gateway = Gateway(settings, keyring, self.limits, admission, metrics)
-        front.app = gateway
+        front.gateway, front.app = gateway, with_cors(gateway, settings.server.cors_origins)
+
+        def restarted(app: Any) -> None:  # the engine died and runs again
+            metrics.engine_restarts.inc()
+            gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models)
+
         self.engine = engine = Engine(
-            settings,
-            on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM),
-            on_restarted=lambda app: gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models),
+            settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM), on_restarted=restarted
         )
 
         async def apply(new: Settings) -> None:  # a reloaded configuration file
@@ -92,6 +104,7 @@ class HermesService:
             config_path(os.environ, Path.cwd()), lambda: load_settings(os.environ), apply, settings, metrics
         )
         self.stop_watching = watch(watcher, settings.auth.reload_interval_s)
+        self.sampler = asyncio.create_task(sample_event_loop(metrics.event_loop_tasks))
         app = await engine.start(resolve_model_path(settings.model.source), adapter_paths(settings))
         gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models)
         logger.info("serving %s", ", ".join(sorted(engine.served_models)))
@@ -99,6 +112,8 @@ class HermesService:
     @bentoml.on_shutdown
     async def stop(self) -> None:
         self.stop_watching()
+        if self.sampler is not None:
+            self.sampler.cancel()
         if self.engine is not None:
             await self.engine.stop()
         if self.limits is not None:
@@ -109,4 +124,4 @@ class HermesService:
 
 
 # The decorator made HermesService a bentoml.Service; its stubs still say "class".
-cast("bentoml.Service[Any]", HermesService).add_asgi_middleware(MetricsGuard, gateway=lambda: front.app)
+cast("bentoml.Service[Any]", HermesService).add_asgi_middleware(MetricsGuard, gateway=lambda: front.gateway)

@@ -163,7 +163,7 @@ class AdmissionQueue:
                 self._queue.remove(waiter)
                 waiter.granted.cancel()
             if isinstance(exc, asyncio.TimeoutError):
-                raise errors.queue_timeout(self._clock() - started) from None
+                raise errors.queue_timeout(self._clock() - started, self.retry_after_s()) from None
             raise
 
     def _grant(self, waiter: Waiter) -> None:

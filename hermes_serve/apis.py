@@ -26,6 +26,8 @@ class Meter:
 
     token_event: ClassVar[bytes] = b"data: "
     """What starts an event that carries (about) one generated token."""
+    error_event: ClassVar[bytes] = b'data: {"error"'
+    """What starts the engine's own error event in a stream (it failed mid-answer)."""
 
     def __init__(self) -> None:
         self.tokens: int | None = None
@@ -71,6 +73,7 @@ class ResponsesMeter(Meter):
     ``.incomplete`` / ``.failed``), inside the response object; there is no [DONE]."""
 
     token_event = b"delta\ndata: "  # event: response.output_text.delta (and other deltas)
+    error_event = b"event: error"
     _last = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
 
     def feed(self, chunk: bytes) -> bool:
@@ -86,6 +89,7 @@ class MessagesMeter(Meter):
     """Anthropic streams: input tokens in ``message_start``, output in ``message_delta``."""
 
     token_event = b"delta\ndata: "  # event: content_block_delta
+    error_event = b"event: error"
     _input = 0
 
     def feed(self, chunk: bytes) -> bool:

@@ -182,6 +182,8 @@ class AdmissionSettings(_Section):
 class ServerSettings(_Section):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     """larger request bodies → 413"""
+    cors_origins: list[str] = []
+    """browser origins allowed to call the API (`["https://app.example.com"]`); empty: none (CORS closed)"""
 
 
 class Settings(_Section):
@@ -192,6 +194,8 @@ class Settings(_Section):
     admission: AdmissionSettings = AdmissionSettings()
     limits_storage: str = "memory://"
     """`redis://host:6379` to share limits between replicas"""
+    limits_on_storage_failure: Literal["refuse", "allow"] = "refuse"
+    """while that storage is unreachable, keys with limits are refused (503, budgets hold) or `allow`ed uncounted (their usage is counted when it is back)"""
     server: ServerSettings = ServerSettings()
 
 

@@ -207,21 +207,44 @@ def not_ready() -> OpenAIError:
     )
 
 
-def queue_timeout(waited_s: float) -> OpenAIError:
+def limits_unavailable() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "This key's limits cannot be checked: their shared storage is unreachable. Retry shortly.",
+        type="server_error",
+        code="limits_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def engine_failed() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "The engine failed while generating this answer (it restarts by itself). Retry shortly.",
+        type="server_error",
+        code="engine_failed",
+        headers={"Retry-After": "5"},
+    )
+
+
+def queue_timeout(waited_s: float, retry_after_s: int) -> OpenAIError:
     return OpenAIError(
         504,
         f"The request waited {waited_s:.0f}s in the queue without being served.",
         type="timeout_error",
         code="queue_timeout",
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 
 def request_timeout(limit_s: float) -> OpenAIError:
+    # Retry-After only says "not at once": the same request may well run as long again.
     return OpenAIError(
         504,
         f"The request did not finish within {limit_s:.0f}s and was aborted.",
         type="timeout_error",
         code="request_timeout",
+        headers={"Retry-After": "1"},
     )
 
 

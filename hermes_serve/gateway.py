@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
-from . import errors, routes
+from . import contract, errors, routes
 from .admission import AdmissionQueue
 from .apis import Api
 from .auth import KeyRing, Principal
@@ -63,7 +63,8 @@ class Gateway:
         self._clock = clock
         self._wall_clock = wall_clock
         self._tenancy = tenancy or Tenancy()
-        self._local = {"health": self._health, "usage": self._usage}
+        self._local = {"health": self._health, "usage": self._usage, "openapi": self._openapi}
+        self._contract: dict[str, Any] | None = None
         self._engine_app: ASGIApp | None = None
         self._engine_ready: Callable[[], bool] = lambda: False
         self._served: Callable[[], frozenset[str]] = lambda: frozenset({settings.model.served_name})
@@ -73,6 +74,7 @@ class Gateway:
     ) -> None:
         """Route to the engine's app from now on; ``served`` names the models it serves."""
         self._engine_app, self._engine_ready = engine_app, ready
+        self._contract = None  # vLLM's schemas come from the (new) engine app
         if served is not None:
             self._served = served
         self._warn_unknown_models()
@@ -116,7 +118,7 @@ class Gateway:
         request = Incoming(scope, receive)
         route, params = routes.find(request.path) or (None, {})
         record = Record(request_id, request.method, route.path if route else "other", self._clock())
-        reply = Relay(send, request_id, route.dialect if route else errors.OPENAI)
+        reply = Relay(send, request_id, route.dialect if route else errors.OPENAI, engine_alive=lambda: self.ready)
         try:
             await self._serve(route, params, request, reply, record)
         except OpenAIError as error:
@@ -258,9 +260,37 @@ class Gateway:
             raise OpenAIError(503, "The model is not ready yet.", type="server_error", code="model_not_ready")
         await reply.respond(200, {"status": "ok", "model": self._settings.model.served_name})
 
+    async def _openapi(self, _: Principal | None, reply: Relay) -> None:
+        if self._contract is None:
+            engine_openapi = getattr(self._engine_app, "openapi", None)
+            self._contract = contract.document(engine_openapi() if callable(engine_openapi) else {})
+        await reply.respond(200, self._contract)
+
     async def _usage(self, principal: Principal | None, reply: Relay) -> None:
         assert principal is not None
         await reply.respond(200, usage_json(principal, await self._limits.standing(principal)))
+
+
+# What a browser page on an allowed origin may send and read (the SDKs add their own headers).
+CORS_EXPOSED = ["x-request-id", "retry-after", "x-should-retry"] + [
+    f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset") for unit in ("requests", "tokens")
+]
+
+
+def with_cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
+    """Browsers stay out unless ``origins`` lists theirs: no CORS headers, no preflight."""
+    if not origins:
+        return app
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(
+        app,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["*"],  # keys travel in headers, never cookies: credentials stay off
+        expose_headers=CORS_EXPOSED,
+        max_age=600,
+    )
 
 
 class MetricsGuard:

@@ -84,6 +84,10 @@ return 0
 """
 
 
+class StorageUnavailable(Exception):
+    """The shared storage did not answer (down, unreachable, or slower than its timeout)."""
+
+
 @dataclass(frozen=True)
 class Hold:
     """A reservation: tokens held for a request until it settles, or until ``until``."""
@@ -139,9 +143,18 @@ class RedisLedger:
     def __init__(self, url: str, timeout_s: float = 2.0) -> None:
         import redis.asyncio as redis
 
+        # Bounded waits: a Redis that is down or stalls refuses a request in timeout_s, never hangs it.
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def admit(self, key: str, charges: list[Charge], hold: Hold | None, now: float) -> Tally:
         return await self._run(key, charges, hold, now, apply=True)
@@ -161,7 +174,7 @@ class RedisLedger:
             keys += [current, _counter(key, charge.window, slot.previous) if slot.previous else current]
             tokens = charge.window.unit == "tokens"
             args += [slot.previous_weight, charge.window.limit, charge.cost, int(tokens), slot.ttl_s]
-        result: list[Any] = await self._admit(keys=keys, args=args)
+        result: list[Any] = await self._call(self._admit, keys, args)
         refused, reserved, values = int(result[0]), int(result[1]), [int(v) for v in result[2:]]
         counts = [
             Count(c.window, slot, values[2 * i], values[2 * i + 1] if slot.previous else 0)
@@ -172,7 +185,7 @@ class RedisLedger:
     async def settle(self, key: str, hold_id: str, used_tokens: int, windows: list[Window], now: float) -> None:
         token_slots = [(w, slots(w, now)) for w in windows if w.unit == "tokens"]
         keys = _held_keys(key) + [_counter(key, w, s.current) for w, s in token_slots]
-        await self._settle(keys=keys, args=[hold_id, used_tokens, *(s.ttl_s for _, s in token_slots)])
+        await self._call(self._settle, keys, [hold_id, used_tokens, *(s.ttl_s for _, s in token_slots)])
 
     async def close(self) -> None:
         await self._redis.aclose()

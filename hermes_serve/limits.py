@@ -10,17 +10,22 @@ released and the tokens really used are counted. A minute limit refuses with 429
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from . import errors
 from .auth import Principal
 from .errors import OpenAIError
-from .ledger import Charge, Count, Hold, Ledger, Tally
+from .ledger import Charge, Count, Hold, Ledger, StorageUnavailable, Tally
 from .windows import Window, seconds_until_fits, used
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,15 +59,35 @@ def openai_duration(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
-HOLD_MARGIN_S = 10  # past a request's time limit: the moments to abort it and settle
+HOLD_MARGIN_S = 2  # past a request's time limit: the moment to abort it and settle
+
+
+UNSETTLED_MAX = 100_000  # settlements kept while the storage is down (then the oldest go, logged)
+OnStorage = Literal["refuse", "allow"]
 
 
 class Limits:
-    def __init__(self, ledger: Ledger, request_timeout_s: float, wall_clock: Callable[[], float] = time.time) -> None:
+    """Per-key limits over a ``Ledger``. While the shared storage does not answer, keys with
+    limits are refused (``on_storage_failure="refuse"``: budgets hold) or admitted uncounted
+    (``"allow"``: apps keep running); keys without limits never need it. Usage that cannot be
+    settled is kept and counted when the storage answers again: no token goes uncharged."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        request_timeout_s: float,
+        wall_clock: Callable[[], float] = time.time,
+        on_storage_failure: OnStorage = "refuse",
+        storage_state: Callable[[bool], None] = lambda up: None,
+    ) -> None:
         self._ledger = ledger
         self._hold_s = request_timeout_s + HOLD_MARGIN_S
         """A reservation outlives its request by a moment at most: no request runs longer."""
         self._now = wall_clock
+        self._on_failure = on_storage_failure
+        self._storage_state = storage_state
+        self._storage_up = True
+        self._unsettled: deque[tuple[str, str, int, list[Window]]] = deque()
 
     async def admit(self, principal: Principal, estimated_tokens: int) -> Reservation:
         windows = principal.windows
@@ -75,24 +100,44 @@ class Limits:
         holds_tokens = any(w.unit == "tokens" for w in windows)
         hold = Hold(secrets.token_hex(8), estimated_tokens, now + self._hold_s) if holds_tokens else None
         charges = [Charge(w, 1 if w.unit == "requests" else estimated_tokens) for w in windows]
-        tally = await self._ledger.admit(principal.name, charges, hold, now)
+        try:
+            tally = await self._ledger.admit(principal.name, charges, hold, now)
+        except StorageUnavailable as exc:
+            self._storage(up=False, why=str(exc))
+            if self._on_failure == "refuse":
+                raise errors.limits_unavailable() from None
+            return Reservation(principal, Hold("", 0, now) if holds_tokens else None)  # admitted uncounted
+        self._storage(up=True)
+        await self._settle_kept()
         headers = self._headers(tally, estimated_tokens, now)
         if tally.refused is not None:
             raise self._refusal(principal, tally, estimated_tokens, now, headers)
         return Reservation(principal, hold, headers)
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
-        if reservation.hold is not None:
-            principal = reservation.principal
-            await self._ledger.settle(
-                principal.name, reservation.hold.id, used_tokens, list(principal.windows), self._now()
-            )
+        if reservation.hold is None:
+            return
+        name, windows = reservation.principal.name, list(reservation.principal.windows)
+        try:
+            await self._ledger.settle(name, reservation.hold.id, used_tokens, windows, self._now())
+        except StorageUnavailable as exc:
+            self._storage(up=False, why=str(exc))
+            if len(self._unsettled) >= UNSETTLED_MAX:
+                lost = self._unsettled.popleft()
+                logger.error("limits storage down too long: %d tokens of key %r dropped uncharged", lost[2], lost[0])
+            self._unsettled.append((name, reservation.hold.id, used_tokens, windows))
+            return
+        self._storage(up=True)
 
     async def standing(self, principal: Principal) -> list[Standing]:
         if not principal.windows:
             return []
         now = self._now()
-        tally = await self._ledger.read(principal.name, list(principal.windows), now)
+        try:
+            tally = await self._ledger.read(principal.name, list(principal.windows), now)
+        except StorageUnavailable as exc:
+            self._storage(up=False, why=str(exc))
+            raise errors.limits_unavailable() from None
         return [
             Standing(
                 c.window,
@@ -102,6 +147,32 @@ class Limits:
             )
             for c in tally.counts
         ]
+
+    @property
+    def unsettled(self) -> int:
+        """Settlements waiting for the storage to answer again."""
+        return len(self._unsettled)
+
+    async def _settle_kept(self, at_most: int = 10) -> None:
+        # A few per admission, so no one request carries a long outage's backlog.
+        for _ in range(min(at_most, len(self._unsettled))):
+            name, hold_id, tokens, windows = self._unsettled[0]
+            try:
+                await self._ledger.settle(name, hold_id, tokens, windows, self._now())
+            except StorageUnavailable:
+                return
+            self._unsettled.popleft()
+
+    def _storage(self, up: bool, why: str = "") -> None:
+        if up == self._storage_up:
+            return
+        self._storage_up = up
+        if up:
+            logger.warning("limits storage reachable again; %d kept settlements to count", len(self._unsettled))
+        else:
+            action = "refusing" if self._on_failure == "refuse" else "admitting uncounted"
+            logger.error("limits storage unreachable (%s): %s requests of keys with limits", why, action)
+        self._storage_state(up)
 
     async def close(self) -> None:
         await self._ledger.close()

@@ -6,6 +6,8 @@ tests do not share global state.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -53,9 +55,32 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+        self.limits_storage_up = Gauge(
+            "hermes_limits_storage_up",
+            "Whether the shared storage of keys' limits answers (1) or not (0).",
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.limits_storage_up.set(1)
+        self.engine_restarts = Counter(
+            "hermes_engine_restarts", "Times the engine died and was started again in-process.", registry=registry
+        )
+        self.event_loop_tasks = Gauge(
+            "hermes_event_loop_tasks",
+            "asyncio tasks alive in the API process (sampled every few seconds).",
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
         self.waiting = Gauge(
             "hermes_waiting_requests",
             "Requests waiting in the admission queue.",
             registry=registry,
             multiprocess_mode="livesum",
         )
+
+
+async def sample_event_loop(gauge: Gauge, interval_s: float = 5.0) -> None:
+    """Keep ``gauge`` at the number of asyncio tasks alive (a leak shows as a slope)."""
+    while True:
+        gauge.set(len(asyncio.all_tasks()))
+        await asyncio.sleep(interval_s)

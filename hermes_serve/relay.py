@@ -21,9 +21,16 @@ from .errors import Dialect, OpenAIError
 
 
 class Relay:
-    def __init__(self, send: Send, request_id: str, dialect: Dialect = errors.OPENAI) -> None:
+    def __init__(
+        self,
+        send: Send,
+        request_id: str,
+        dialect: Dialect = errors.OPENAI,
+        engine_alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._send = send
         self._dialect = dialect
+        self._engine_alive = engine_alive
         self.headers: dict[str, str] = {"x-request-id": request_id}
         """Added to every answer: the request id, the key's rate-limit standing."""
         self.meter = Meter()
@@ -66,6 +73,9 @@ class Relay:
             if not more:
                 await self._finish_buffered(b"".join(self._buffer))
             return
+        if chunk.startswith(self.meter.error_event):
+            # vLLM's own words for a failure mid-answer (its engine died...): ours instead.
+            return await self.fail(errors.engine_failed())
         if self.meter.feed(chunk):
             self._events_sent += chunk.count(b"data: ")
             await self._send(message)
@@ -81,6 +91,8 @@ class Relay:
         start = self._start
         if self.status >= 400:
             self.engine_refused = True
+            if self.status >= 500 and not self._engine_alive():
+                return await self.fail(errors.not_ready())  # the engine died under this request
             return await self.fail(errors.from_engine(self.status, payload, self.model))
         self.meter.read_json(payload)
         if self.transform is not None:

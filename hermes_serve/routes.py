@@ -84,6 +84,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/version", GET),
     Route("/v1/usage", GET, local="usage"),
     Route("/health", GET, local="health", open=True),
+    Route("/openapi.json", GET, local="openapi", open=True),
 )
 
 

@@ -43,6 +43,13 @@ class FakeEngine:
         self.bodies.append(body)
         if path == "/v1/messages/count_tokens":
             return await self._json(send, 200, {"input_tokens": 7})
+        if body.get("model") == "dies" and not body.get("stream"):  # vLLM's answer when its engine died
+            error = {
+                "message": "EngineCore encountered an issue. See stack trace (above).",
+                "type": "InternalServerError",
+                "code": 500,
+            }
+            return await self._json(send, 500, {"error": error})
         if body.get("model") == "broken":
             return await self._text(send, 500, b"Traceback (most recent call last): secret internals")
         if body.get("model") == "unvalidated":
@@ -126,6 +133,13 @@ def _chat_frames(engine: FakeEngine, body: dict[str, Any]) -> list[bytes | None]
         for i in range(engine.chunks)
         for f in (DELAY, _data({"choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}))
     ]
+    if body.get("model") == "dies":  # vLLM's last words in a stream when its engine died
+        error = {
+            "message": "EngineCore encountered an issue. See stack trace (above).",
+            "type": "InternalServerError",
+            "code": 500,
+        }
+        return [*frames, _data({"error": error}), b"data: [DONE]\n\n"]
     if (body.get("stream_options") or {}).get("include_usage"):
         frames.append(_data({"choices": [], "usage": USAGE}))
     return [*frames, b"data: [DONE]\n\n"]

@@ -12,7 +12,7 @@ from tests.support.servers import free_port
 
 class RedisServer:
     def __init__(self, binary: str, workdir: Path) -> None:
-        self._binary = binary
+        self.binary = binary
         self._workdir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -21,7 +21,7 @@ class RedisServer:
     def start(self) -> None:
         self._process = subprocess.Popen(
             [
-                self._binary,
+                self.binary,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -32,6 +32,8 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self._workdir),
+                "--enable-debug-command",  # DEBUG SLEEP: a Redis that answers slowly
+                "local",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -45,6 +47,12 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("redis-server did not start")
+
+    def command(self, *args: str) -> str:
+        """One command through redis-cli (beside the service's own connections)."""
+        cli = Path(self.binary).with_name("redis-cli")
+        result = subprocess.run([str(cli), "-p", str(self.port), *args], capture_output=True, text=True, timeout=60)
+        return result.stdout.strip()
 
     def stop(self) -> None:
         if self._process is not None:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from hermes_serve.apis import CHAT as CHAT_API
 from hermes_serve.auth import KeyRing, hash_key
 from hermes_serve.config import parse_settings
-from hermes_serve.gateway import MetricsGuard
+from hermes_serve.gateway import MetricsGuard, with_cors
 from tests.support.fake_engine import MODEL_ROOT, USAGE, FakeEngine
 from tests.support.gateway import KEY, build, call
 
@@ -464,3 +464,68 @@ async def test_a_day_budget_is_429_insufficient_quota_without_sdk_retries() -> N
     )
     assert refused.headers["x-should-retry"] == "false" and int(refused.headers["retry-after"]) > 0
     assert len(engine.bodies) == 1
+
+
+# --- browsers ------------------------------------------------------------------------------
+
+APP_ORIGIN = "https://app.example.com"
+PREFLIGHT = {
+    "origin": APP_ORIGIN,
+    "access-control-request-method": "POST",
+    "access-control-request-headers": "authorization, content-type, x-stainless-os",
+}
+
+
+async def test_cors_is_closed_unless_an_origin_is_listed() -> None:
+    gateway, _, _ = build()
+    closed = with_cors(gateway, [])
+    preflight = await call(closed, "OPTIONS", CHAT, key=None, headers=PREFLIGHT)
+    assert preflight.status == 405 and "access-control-allow-origin" not in preflight.headers
+    reply = await call(closed, "POST", CHAT, HELLO, headers={"origin": APP_ORIGIN})
+    assert reply.status == 200 and "access-control-allow-origin" not in reply.headers
+
+
+async def test_cors_for_a_listed_origin() -> None:
+    gateway, _, _ = build()
+    app = with_cors(gateway, [APP_ORIGIN])
+    preflight = await call(app, "OPTIONS", CHAT, key=None, headers=PREFLIGHT)
+    assert preflight.status == 200
+    assert preflight.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "x-stainless-os" in preflight.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in preflight.headers
+    reply = await call(app, "POST", CHAT, HELLO, headers={"origin": APP_ORIGIN})
+    assert reply.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "x-ratelimit-remaining-tokens" in reply.headers["access-control-expose-headers"]
+    other = await call(app, "OPTIONS", CHAT, key=None, headers={**PREFLIGHT, "origin": "https://evil.example"})
+    assert other.status == 400 and "access-control-allow-origin" not in other.headers
+
+
+async def test_an_engine_that_dies_mid_stream_ends_it_with_our_error_event() -> None:
+    gateway, _, _ = build()
+    reply = await call(gateway, "POST", CHAT, {**HELLO, "model": "dies", "stream": True})
+    frames = reply.body.decode().strip().split("\n\n")
+    assert frames[0].startswith('data: {"choices"')
+    error = json.loads(frames[-2].removeprefix("data: "))["error"]
+    assert (
+        error["code"] == "engine_failed" and error["type"] == "server_error" and "stack trace" not in error["message"]
+    )
+    assert frames[-1] == "data: [DONE]" and reply.body.count(b"[DONE]") == 1
+
+
+async def test_a_request_whose_engine_died_is_503_model_not_ready() -> None:
+    alive = [True]
+    gateway, engine, _ = build()
+    gateway.attach(engine, ready=lambda: alive[0])
+    assert (await call(gateway, "POST", CHAT, {**HELLO, "model": "dies"})).status == 500  # the engine lives: a real 500
+    engine_calls = len(engine.bodies)
+
+    async def dying_engine(scope: Any, receive: Any, send: Any) -> None:
+        alive[0] = False  # it dies while answering
+        await engine(scope, receive, send)
+
+    gateway.attach(dying_engine, ready=lambda: alive[0])
+    alive[0] = True
+    reply = await call(gateway, "POST", CHAT, {**HELLO, "model": "dies"})
+    assert reply.status == 503 and reply.error["code"] == "model_not_ready" and reply.headers["retry-after"]
+    assert len(engine.bodies) == engine_calls + 1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ from hermes_serve.config import ApiKey
 from hermes_serve.errors import OpenAIError
 from hermes_serve.ledger import Ledger, MemoryLedger, RedisLedger
 from hermes_serve.limits import HOLD_MARGIN_S, Limits, openai_duration
+from tests.support.redis import RedisServer
 
 REQUEST_TIMEOUT_S = 30
 HOLD_S = REQUEST_TIMEOUT_S + HOLD_MARGIN_S
@@ -279,3 +283,68 @@ async def test_memory_keeps_three_minutes_of_counters_whatever_the_volume(clock:
         await limits.settle(await limits.admit(app, 10**6), 10**6)
         clock.now += 60
     assert len(ledger._counters) <= 6  # per unit: this minute's, the last's, one expiring
+
+
+# --- the shared storage lost and back ---------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path, redis_server: RedisServer) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to stop and start (the session's is shared)."""
+    server = RedisServer(redis_server.binary, tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_refuse_while_the_storage_is_down_and_count_everything_when_it_is_back(own_redis: RedisServer) -> None:
+    states: list[bool] = []
+    limits = Limits(RedisLedger(own_redis.url, timeout_s=0.5), 30, storage_state=states.append)
+    app, free = key(tokens_per_minute=10_000), key()
+    running = await limits.admit(app, 500)
+    own_redis.stop()
+    down = await refused_with(limits, app, 100, status=503)
+    assert down.code == "limits_unavailable" and down.headers["Retry-After"] == "5"
+    assert (await limits.admit(free, 100)).hold is None, "keys without limits do not need the storage"
+    await limits.settle(running, 321)  # ends during the outage: kept, not lost
+    assert limits.unsettled == 1 and states == [False]
+    own_redis.start()  # empty: as after a restart without persistence
+    await limits.admit(app, 100)
+    assert states == [False, True] and limits.unsettled == 0
+    (standing,) = await limits.standing(app)
+    assert standing.used == 321 and standing.reserved == 100
+    await limits.close()
+
+
+async def test_allow_admits_uncounted_while_down_and_counts_it_after(own_redis: RedisServer) -> None:
+    limits = Limits(RedisLedger(own_redis.url, timeout_s=0.5), 30, on_storage_failure="allow")
+    app = key(tokens_per_minute=1_000)
+    own_redis.stop()
+    reservation = await limits.admit(app, 900)
+    await limits.settle(reservation, 700)
+    own_redis.start()
+    await limits.admit(app, 10)
+    (standing,) = await limits.standing(app)
+    assert standing.used == 700
+    await limits.close()
+
+
+async def test_a_storage_slower_than_its_timeout_refuses_in_time(own_redis: RedisServer) -> None:
+    limits = Limits(RedisLedger(own_redis.url, timeout_s=0.5), 30)
+    app = key(requests_per_minute=10)
+    await limits.admit(app, 1)  # connected
+    stall = asyncio.create_task(asyncio.to_thread(own_redis.command, "DEBUG", "SLEEP", "2"))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await refused_with(limits, app, 1, status=503)
+    assert time.monotonic() - started < 1.5
+    await stall
+    await limits.admit(app, 1)
+    await limits.close()
+
+
+async def refused_with(limits: Limits, principal: Principal, tokens: int, status: int) -> OpenAIError:
+    with pytest.raises(OpenAIError) as refusal:
+        await limits.admit(principal, tokens)
+    assert refusal.value.status == status
+    return refusal.value
