@@ -20,7 +20,7 @@ from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
 from hermes_serve.config import Settings, config_path, load_settings
 from hermes_serve.engine import Engine
-from hermes_serve.gateway import Gateway, MetricsGuard, with_cors
+from hermes_serve.gateway import Front, Gateway, with_cors
 from hermes_serve.ledger import ledger_for
 from hermes_serve.limits import Limits
 from hermes_serve.metrics import GatewayMetrics, sample_event_loop
@@ -47,7 +47,7 @@ class LateBound:
 
 
 front = LateBound()
-# BentoML's own /livez, /readyz, /metrics match first; the Mount catches every other path.
+# BentoML needs an app to mount; Front (below) hands it every path but its probes and /metrics.
 mounted = Starlette(routes=[Mount("/", app=front)])
 
 
@@ -124,4 +124,4 @@ class HermesService:
 
 
 # The decorator made HermesService a bentoml.Service; its stubs still say "class".
-cast("bentoml.Service[Any]", HermesService).add_asgi_middleware(MetricsGuard, gateway=lambda: front.gateway)
+cast("bentoml.Service[Any]", HermesService).add_asgi_middleware(Front, gateway_app=front, gateway=lambda: front.gateway)

@@ -180,7 +180,7 @@ class ChatCompletions(Api):
             raise errors.OpenAIError(400, "'messages' must be a non-empty array.", param="messages")
         for i, message in enumerate(messages):
             role = message.get("role") if isinstance(message, dict) else None
-            if role not in self.roles:
+            if not isinstance(role, str) or role not in self.roles:
                 raise errors.OpenAIError(
                     400,
                     f"Invalid role {role!r} in messages[{i}]; expected one of {sorted(self.roles)}.",

@@ -129,6 +129,11 @@ def _operation(route: routes.Route, method: str, operation: dict[str, Any]) -> d
             responses[str(status)] = {"description": WHEN[status], "content": {"application/json": {"schema": error}}}
     operation["responses"] = responses
     operation.setdefault("summary", route.path)
+    names = re.findall(r"\{(\w+)(?::path)?\}", route.path)
+    if names and not operation.get("parameters"):
+        operation["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in names
+        ]
     operation.pop("operationId", None)
     if not route.open:
         operation["security"] = SECURITY

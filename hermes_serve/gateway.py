@@ -293,20 +293,27 @@ def with_cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
     )
 
 
-class MetricsGuard:
-    """Pure-ASGI middleware around BentoML's app: ``/metrics`` asks for a key when configured.
+BENTOML_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+"""BentoML's own routes: probes and Prometheus. Every other path is the gateway's."""
 
-    BentoML serves ``/metrics`` itself, before the gateway's mount, so the check wraps it.
-    """
 
-    def __init__(self, app: ASGIApp, gateway: Callable[[], Gateway | None]) -> None:
+class Front:
+    """Pure-ASGI middleware around BentoML's app. BentoML keeps its probes and ``/metrics``
+    (which asks for a key when configured); every other request goes to ``gateway_app``, so
+    the gateway answers every path in its own shapes (BentoML's router would answer some,
+    such as a path with a newline in it, with its own plain-text 404)."""
+
+    def __init__(self, app: ASGIApp, gateway_app: ASGIApp, gateway: Callable[[], Gateway | None]) -> None:
         self._app = app
+        self._gateway_app = gateway_app
         self._gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/metrics":
-            gateway = self._gateway()
-            if gateway is not None and not gateway.may_read_metrics(Headers(scope=scope)):
-                await errors.send_error(send, errors.invalid_api_key())
-                return
+        if scope["type"] not in ("http", "websocket") or scope["path"] in BENTOML_PATHS - {"/metrics"}:
+            return await self._app(scope, receive, send)
+        if scope["path"] != "/metrics":
+            return await self._gateway_app(scope, receive, send)
+        gateway = self._gateway()
+        if scope["type"] == "http" and gateway is not None and not gateway.may_read_metrics(Headers(scope=scope)):
+            return await errors.send_error(send, errors.invalid_api_key())
         await self._app(scope, receive, send)

@@ -23,6 +23,7 @@ import pytest
 
 from tests.support import servers
 from tests.support.lora import RANK, write_adapter
+from tests.support.redis import RedisServer
 from tests.support.servers import Server
 
 READY_TIMEOUT_S = float(os.environ.get("HERMES_TEST_READY_TIMEOUT", "900"))
@@ -45,6 +46,7 @@ KEY_LIMITS = {
     "peer": {"priority": -5},
     "interactive": {"priority": 5},
     "base-only": {"models": [SERVED_NAME]},
+    "fuzz": {"tokens_per_minute": 300},  # test_contract's: big generations refused before the engine
 }
 ADAPTERS = {"tiny-zero": 0.0, "tiny-random": 1.0}  # name: scale of the adapter's B matrices
 # About 1 200 tokens of SmolLM2-135M (vLLM wants room for one whole context, 1 024 here): a
@@ -142,3 +144,69 @@ def isolated(servers_pair: tuple[Server, Server]) -> Server:
 @pytest.fixture
 def client(server: Server) -> openai.OpenAI:
     return server.client()
+
+
+# --- the fault tier: two more servers, over a Redis of their own that starts out down ----------
+
+FAULT_REQUEST_TIMEOUT_S = 20
+APP_ORIGIN = "https://app.example.com"
+FAULT_KEYS = {
+    "tester": {},
+    "guarded": {"requests_per_minute": 100_000},  # any limit: its requests need the storage
+    "held": {"tokens_per_minute": 2_000},  # the replica-kill test's reservations
+    **{f"crowd-{i}": {} for i in range(1, 6)},
+    "soak": {},
+    "soak-limited": {"requests_per_minute": 5},  # refused (429) from the soak's warm-up on
+}
+
+
+@pytest.fixture(scope="session")
+def fault_redis(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[RedisServer]:
+    """Not started: the fault servers start while their limits storage is down."""
+    server = RedisServer(redis_server.binary, tmp_path_factory.mktemp("fault-redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_pair(
+    tmp_path_factory: pytest.TempPathFactory, fault_redis: RedisServer, embedded_model_dir: Path
+) -> Iterator[tuple[Server, Server]]:
+    workdir = tmp_path_factory.mktemp("faults")
+    keys = {name: "hs-fault-" + secrets.token_urlsafe(16) for name in FAULT_KEYS}
+    section = {
+        "device": "cpu",
+        "model": {"served_name": SERVED_NAME, "max_model_len": 2048, "cpu_kvcache_space_gib": 1},
+        "auth": {
+            "keys": [
+                {"name": name, "sha256": hashlib.sha256(keys[name].encode()).hexdigest(), **limits}
+                for name, limits in FAULT_KEYS.items()
+            ]
+        },
+        "admission": {
+            "max_concurrency": 64,
+            "max_queue": 50,
+            "queue_timeout_s": FAULT_REQUEST_TIMEOUT_S,
+            "request_timeout_s": FAULT_REQUEST_TIMEOUT_S,
+        },
+        "limits_storage": fault_redis.url,
+        "server": {"cors_origins": [APP_ORIGIN]},
+    }
+    config = workdir / "configuration.yaml"
+    servers.write_config(config, section)
+    models = embedded_model_dir.parents[1]
+    started = [
+        servers.start(config, workdir / f"fault-{i}", keys, models=models, cpus=servers.cpu_share(i, 2))
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for server in started:
+            try:
+                servers.wait_ready(server, deadline)
+            except servers.NotReady as exc:
+                pytest.fail(str(exc))
+        yield started[0], started[1]
+    finally:
+        left_behind = [(server.log_tail(), pids) for server in started if (pids := servers.stop(server))]
+        assert not left_behind, f"left behind after SIGTERM: {left_behind}"

@@ -48,7 +48,9 @@ def start_vllm(model_path: str, workdir: Path) -> Server:
     return Server(f"http://127.0.0.1:{port}", {}, log, process, ready_path="/health")
 
 
-def start_hermes(key: str, workdir: Path, adapters: list[dict[str, str]] | None = None) -> Server:
+def start_hermes(
+    key: str, workdir: Path, adapters: list[dict[str, str]] | None = None, environment: dict[str, str] | None = None
+) -> Server:
     # The shipped configuration with one key whose limits cannot bind, and room for every client.
     document = yaml.safe_load((REPO / "configuration.yaml").read_text())
     section = document["services"]["hermes"]
@@ -60,7 +62,9 @@ def start_hermes(key: str, workdir: Path, adapters: list[dict[str, str]] | None 
     servers.write_config(workdir / "configuration.yaml", section)
     # Its own BentoML home (metrics), sharing the user's model store.
     store = Path(resolve_model_path(section["model"]["source"])).parents[1]
-    return servers.start(workdir / "configuration.yaml", workdir / "hermes", {"bench": key}, models=store)
+    return servers.start(
+        workdir / "configuration.yaml", workdir / "hermes", {"bench": key}, models=store, environment=environment
+    )
 
 
 def tree_rss_gib(server: Server) -> float:

@@ -54,8 +54,9 @@ def _well_refused(response: httpx.Response, body: bytes) -> tuple[bool, str]:
     return True, str(error.get("code"))
 
 
-async def one_request(http: httpx.AsyncClient, key: str, body: dict[str, Any]) -> Outcome:
-    headers = {"Authorization": f"Bearer {key}"}
+async def one_request(http: httpx.AsyncClient, key: str, secret: str, body: dict[str, Any]) -> Outcome:
+    """One chat request by the key named ``key``; outcomes name keys, never hold their secrets."""
+    headers = {"Authorization": f"Bearer {secret}"}
     try:
         if body.get("stream"):
             async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
@@ -82,7 +83,8 @@ async def crowd(server: Server, keys: list[str], clients: int, body: dict[str, A
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=server.url, timeout=timeout_s, limits=limits) as http:
         jobs = [
-            one_request(http, server.keys[keys[i % len(keys)]], {**body, "stream": i % 2 == 0}) for i in range(clients)
+            one_request(http, keys[i % len(keys)], server.keys[keys[i % len(keys)]], {**body, "stream": i % 2 == 0})
+            for i in range(clients)
         ]
         return Tally(list(await asyncio.gather(*jobs)))
 
@@ -117,7 +119,7 @@ async def mixed_load(server: Server, key: str, limited_key: str, seconds: float,
                 "max_tokens": 8,
             }
             if kind == "stream":
-                tally.outcomes.append(await one_request(http, server.keys[key], {**body, "stream": True}))
+                tally.outcomes.append(await one_request(http, key, server.keys[key], {**body, "stream": True}))
             elif kind == "leave":
                 headers = {"Authorization": f"Bearer {server.keys[key]}"}
                 async with http.stream(
@@ -134,9 +136,9 @@ async def mixed_load(server: Server, key: str, limited_key: str, seconds: float,
                 )
                 tally.outcomes.append(Outcome(key, r.status_code, r.status_code == 400, "bad"))
             elif kind == "limited":
-                tally.outcomes.append(await one_request(http, server.keys[limited_key], body))
+                tally.outcomes.append(await one_request(http, limited_key, server.keys[limited_key], body))
             else:
-                tally.outcomes.append(await one_request(http, server.keys[key], body))
+                tally.outcomes.append(await one_request(http, key, server.keys[key], body))
 
         kinds = ["plain", "stream", "leave", "bad", "limited"]
         while loop.time() < deadline:

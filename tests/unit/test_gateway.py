@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from hermes_serve.apis import CHAT as CHAT_API
 from hermes_serve.auth import KeyRing, hash_key
 from hermes_serve.config import parse_settings
-from hermes_serve.gateway import MetricsGuard, with_cors
+from hermes_serve.gateway import Front, with_cors
 from tests.support.fake_engine import MODEL_ROOT, USAGE, FakeEngine
 from tests.support.gateway import KEY, build, call
 
@@ -200,7 +200,7 @@ async def test_metrics_guard(required: bool, key: str | None, status: int) -> No
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"# metrics"})
 
-    guard = MetricsGuard(bentoml_app, gateway=lambda: gateway)
+    guard = Front(bentoml_app, gateway_app=gateway, gateway=lambda: gateway)
     reply = await call(guard, "GET", "/metrics", key=key)  # type: ignore[arg-type]
     assert reply.status == status
     if status == 401:
@@ -529,3 +529,17 @@ async def test_a_request_whose_engine_died_is_503_model_not_ready() -> None:
     reply = await call(gateway, "POST", CHAT, {**HELLO, "model": "dies"})
     assert reply.status == 503 and reply.error["code"] == "model_not_ready" and reply.headers["retry-after"]
     assert len(engine.bodies) == engine_calls + 1
+
+
+async def test_every_path_but_bentomls_own_is_the_gateways() -> None:
+    gateway, _, _ = build()
+
+    async def bentoml_app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Not Found"})
+
+    front = Front(bentoml_app, gateway_app=gateway, gateway=lambda: gateway)
+    odd = await call(front, "GET", "/v1/responses/a\nb")
+    assert odd.status == 404 and odd.error["code"] in {"response_not_found", "not_found"}
+    assert (await call(front, "GET", "/docs")).error["code"] == "not_found"
+    assert (await call(front, "GET", "/readyz")).body == b"Not Found", "BentoML's probes stay BentoML's"
