@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
-from . import contract, errors, routes
+from . import console, contract, errors, routes
 from .admission import AdmissionQueue
 from .apis import Api
 from .auth import KeyRing, Principal
@@ -63,7 +63,7 @@ class Gateway:
         self._clock = clock
         self._wall_clock = wall_clock
         self._tenancy = tenancy or Tenancy()
-        self._local = {"health": self._health, "usage": self._usage, "openapi": self._openapi}
+        self._local = {"health": self._health, "usage": self._usage, "openapi": self._openapi, "console": self._console}
         self._contract: dict[str, Any] | None = None
         self._engine_app: ASGIApp | None = None
         self._engine_ready: Callable[[], bool] = lambda: False
@@ -143,7 +143,7 @@ class Gateway:
         if request.method not in route.methods:
             raise errors.method_not_allowed(request.method, request.path, route.methods)
         if route.open and route.local is not None:
-            return await self._local[route.local](None, reply)
+            return await self._local[route.local](None, reply, params)
         principal = self._keyring.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if principal is None:
             raise errors.invalid_api_key()
@@ -153,7 +153,7 @@ class Gateway:
         if route.refusal is not None:
             raise route.refusal()
         if route.local is not None:
-            return await self._local[route.local](principal, reply)
+            return await self._local[route.local](principal, reply, params)
         if not self.ready or self._engine_app is None:
             raise errors.not_ready()
         owned = self._tenancy.headers(principal, record.request_id)
@@ -255,18 +255,25 @@ class Gateway:
         work.cancel()  # still queued, or slow to abort: no-op if it already finished
         await asyncio.gather(work, return_exceptions=True)
 
-    async def _health(self, _: Principal | None, reply: Relay) -> None:
+    async def _health(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:
         if not self.ready:
             raise OpenAIError(503, "The model is not ready yet.", type="server_error", code="model_not_ready")
         await reply.respond(200, {"status": "ok", "model": self._settings.model.served_name})
 
-    async def _openapi(self, _: Principal | None, reply: Relay) -> None:
+    async def _openapi(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:
         if self._contract is None:
             engine_openapi = getattr(self._engine_app, "openapi", None)
             self._contract = contract.document(engine_openapi() if callable(engine_openapi) else {})
         await reply.respond(200, self._contract)
 
-    async def _usage(self, principal: Principal | None, reply: Relay) -> None:
+    async def _console(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:
+        found = console.page(params.get("file", "index.html"))
+        if found is None:
+            raise errors.not_found("/console/" + params.get("file", ""))
+        body, content_type = found
+        await reply.respond_raw(200, body, {**console.HEADERS, "content-type": content_type})
+
+    async def _usage(self, principal: Principal | None, reply: Relay, params: dict[str, str]) -> None:
         assert principal is not None
         await reply.respond(200, usage_json(principal, await self._limits.standing(principal)))
 

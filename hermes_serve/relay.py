@@ -109,10 +109,14 @@ class Relay:
     # --- the gateway's own answers ----------------------------------------------------------
 
     async def respond(self, status: int, body: Any) -> None:
+        await self.respond_raw(status, errors.encode(body), {"content-type": "application/json"})
+
+    async def respond_raw(self, status: int, payload: bytes, headers: dict[str, str]) -> None:
         self.status = status
-        start = {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
-        await self._send_start(start)
-        await self._send({"type": "http.response.body", "body": errors.encode(body)})
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw.append((b"content-length", str(len(payload)).encode()))
+        await self._send_start({"type": "http.response.start", "status": status, "headers": raw})
+        await self._send({"type": "http.response.body", "body": payload})
 
     async def fail(self, error: OpenAIError) -> None:
         """Answer with ``error``: a whole response before the first byte, else a last SSE frame."""

@@ -85,6 +85,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/usage", GET, local="usage"),
     Route("/health", GET, local="health", open=True),
     Route("/openapi.json", GET, local="openapi", open=True),
+    Route("/", GET, local="console", open=True),
+    Route("/console/{file}", GET, local="console", open=True),
 )
 
 

@@ -47,6 +47,7 @@ KEY_LIMITS = {
     "interactive": {"priority": 5},
     "base-only": {"models": [SERVED_NAME]},
     "fuzz": {"tokens_per_minute": 300},  # test_contract's: big generations refused before the engine
+    "console": {"tokens_per_day": 1_000_000},  # test_console's: its standing shows a budget
 }
 ADAPTERS = {"tiny-zero": 0.0, "tiny-random": 1.0}  # name: scale of the adapter's B matrices
 # About 1 200 tokens of SmolLM2-135M (vLLM wants room for one whole context, 1 024 here): a

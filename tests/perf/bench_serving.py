@@ -72,7 +72,7 @@ def tree_rss_gib(server: Server) -> float:
 
 
 def run_client(
-    base_url: str, model: str, tokenizer: str, concurrency: int, prompts: int, key: str | None
+    base_url: str, model: str, tokenizer: str, concurrency: int, prompts: int, key: str | None, output_len: int = 64
 ) -> dict[str, Any]:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -100,7 +100,7 @@ def run_client(
             "--random-input-len",
             "128",
             "--random-output-len",
-            "64",
+            str(output_len),
             "--ignore-eos",
             "--num-prompts",
             str(prompts),

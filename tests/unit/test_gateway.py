@@ -543,3 +543,22 @@ async def test_every_path_but_bentomls_own_is_the_gateways() -> None:
     assert odd.status == 404 and odd.error["code"] in {"response_not_found", "not_found"}
     assert (await call(front, "GET", "/docs")).error["code"] == "not_found"
     assert (await call(front, "GET", "/readyz")).body == b"Not Found", "BentoML's probes stay BentoML's"
+
+
+async def test_the_console_is_served_with_a_strict_content_security_policy() -> None:
+    gateway, _, _ = build()
+    page = await call(gateway, "GET", "/", key=None)
+    assert page.status == 200 and page.headers["content-type"].startswith("text/html")
+    assert b'<script src="/console/console.js"' in page.body and b"<script>" not in page.body, "no inline script"
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp
+    script = await call(gateway, "GET", "/console/console.js", key=None)
+    assert script.status == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert (
+        b"sessionStorage" in script.body
+        and b"localStorage" not in script.body
+        and b"document.cookie" not in script.body
+    )
+    for path in ["/console/../config.py", "/console/missing.js", "/console/console.py"]:
+        assert (await call(gateway, "GET", path, key=None)).status == 404, path
