@@ -46,6 +46,7 @@ class LateBound:
             await errors.send_error(send, errors.not_ready())
 
 
+API_ROUTES = "/v1/"  # a regular expression searched in the URL (OpenTelemetry's excluded_urls)
 front = LateBound()
 # BentoML needs an app to mount; Front (below) hands it every path but its probes and /metrics.
 mounted = Starlette(routes=[Mount("/", app=front)])
@@ -55,6 +56,11 @@ mounted = Starlette(routes=[Mount("/", app=front)])
     name="hermes",
     workers=1,  # one engine per worker: two engines would fight for the same cores/GPU
     traffic={"timeout": 3600},  # our admission and request_timeout_s decide, not BentoML's
+    # Every streamed chunk passes BentoML's middlewares (docs/benchmarks.md, the per-token gap):
+    # the API's routes skip its OpenTelemetry spans (one per chunk) and its access log (the
+    # gateway logs one line per request). A configuration file can turn either back on.
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": [API_ROUTES]},
 )
 @bentoml.asgi_app(mounted, path="/")
 class HermesService:

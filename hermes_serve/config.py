@@ -85,6 +85,8 @@ class ModelSettings(_Section):
     """GPU only: fraction of GPU memory for weights + KV cache"""
     cpu_kvcache_space_gib: int | None = Field(2, gt=0)
     """CPU only: KV-cache size in whole GiB (vLLM reads it with `int()`; for a finer size pass `--kv-cache-memory-bytes` in `engine_args`)"""
+    cpu_preload: bool = False
+    """CPU only: preload tcmalloc (Debian `libtcmalloc-minimal4`) and Intel OpenMP (`intel-openmp`, installed) into the engine's processes, as vLLM's CPU guide advises; one not found is skipped with a warning"""
     tool_call_parser: str | None = "hermes"
     """vLLM tool parser; `null` turns tool calling off"""
     shutdown_timeout_s: int = Field(20, ge=0)

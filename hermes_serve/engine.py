@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .config import Settings
@@ -53,11 +53,39 @@ def engine_cli_args(settings: Settings, model_path: str, adapter_paths: dict[str
     return args + list(model.engine_args)
 
 
-def engine_environment(settings: Settings) -> dict[str, str]:
+# Where vLLM's CPU guide says to find them: Debian's tcmalloc, Intel's OpenMP from its wheel.
+TCMALLOC = "libtcmalloc_minimal.so.4"
+TCMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
+IOMP = "libiomp5.so"
+
+
+def cpu_preload_libraries() -> list[str]:
+    """tcmalloc and Intel OpenMP, by path, each where it is installed; a missing one is left out
+    (and said). With Intel's OpenMP preloaded, vLLM no longer preloads torch's GNU one."""
+    found = [path for d in TCMALLOC_DIRS if os.path.exists(path := os.path.join(d, TCMALLOC))][:1]
+    if not found:
+        logger.warning("cpu_preload: %s not found (apt-get install libtcmalloc-minimal4)", TCMALLOC)
+    iomp = os.path.join(sys.prefix, "lib", IOMP)  # the venv's lib/, where the wheel puts it
+    if os.path.exists(iomp):
+        found.append(iomp)
+    else:
+        logger.warning("cpu_preload: %s not found (pip install intel-openmp)", IOMP)
+    return found
+
+
+def engine_environment(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment the engine's child processes need (they are spawned, so they inherit it)."""
     env: dict[str, str] = {}
-    if settings.device == "cpu" and settings.model.cpu_kvcache_space_gib is not None:
+    if settings.device != "cpu":
+        return env
+    if settings.model.cpu_kvcache_space_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.model.cpu_kvcache_space_gib)
+    if settings.model.cpu_preload:
+        current = (os.environ if environ is None else environ).get("LD_PRELOAD", "")
+        libraries = cpu_preload_libraries()
+        kept = [entry for entry in current.split(":") if entry and entry not in libraries]
+        if libraries:
+            env["LD_PRELOAD"] = ":".join([*libraries, *kept])
     return env
 
 

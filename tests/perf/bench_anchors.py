@@ -2,6 +2,7 @@
 server, and the tutorial's scheme 1 (FastAPI + llama-cpp-python, scripts/baselines/).
 
     ./scripts/bench anchors [--reps 3] [--concurrency 1 8 16 32 64] [--out docs/benchmarks]
+        [--arms hermes hermes-before hermes-preload hermes-no-preload vllm scheme1]
 
 Each repetition starts every server fresh, in a rotated order (interleaved: no server always
 runs first or last), and drives it with vLLM's serving benchmark: streaming chat, random
@@ -36,6 +37,16 @@ from tests.support import servers
 from tests.support.servers import REPO, Server, free_port
 
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")
+# hermes-serve as configured; as it was before the per-token fix (BentoML's access log and
+# OpenTelemetry spans on every chunk); with tcmalloc and Intel OpenMP preloaded, and without.
+VARIANTS = {
+    "hermes": {},
+    "hermes-before": {
+        "BENTOML_CONFIG_OPTIONS": "services.hermes.logging.access.enabled=true services.hermes.tracing.excluded_urls=^$"
+    },
+    "hermes-preload": {"HERMES_MODEL__CPU_PRELOAD": "true"},
+    "hermes-no-preload": {"HERMES_MODEL__CPU_PRELOAD": "false"},
+}
 
 
 def start_scheme1(served_name: str, workdir: Path) -> Server:
@@ -56,7 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32, 64])
-    parser.add_argument("--arms", nargs="+", default=["hermes", "vllm", "scheme1"])
+    parser.add_argument(
+        "--arms", nargs="+", default=["hermes", "vllm", "scheme1"], choices=[*VARIANTS, "vllm", "scheme1"]
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     options = parser.parse_args()
 
@@ -65,7 +78,10 @@ def main() -> None:
     key = "hs-bench-" + secrets.token_urlsafe(16)
     workdir = Path(tempfile.mkdtemp(prefix="hermes-bench-anchors-"))
     starters: dict[str, Callable[[Path], Server]] = {
-        "hermes": lambda d: start_hermes(key, d),
+        "hermes": lambda d: start_hermes(key, d, environment=VARIANTS["hermes"]),
+        "hermes-before": lambda d: start_hermes(key, d, environment=VARIANTS["hermes-before"]),
+        "hermes-preload": lambda d: start_hermes(key, d, environment=VARIANTS["hermes-preload"]),
+        "hermes-no-preload": lambda d: start_hermes(key, d, environment=VARIANTS["hermes-no-preload"]),
         "vllm": lambda d: start_vllm(model_path, d),
         "scheme1": lambda d: start_scheme1(settings.model.served_name, d),
     }
@@ -86,8 +102,8 @@ def main() -> None:
                         model=settings.model.served_name,
                         tokenizer=model_path,
                         concurrency=level,
-                        prompts=max(16, 2 * level),
-                        key=key if arm == "hermes" else None,
+                        prompts=max(16, level),
+                        key=key if arm.startswith("hermes") else None,
                         output_len=128,
                     )
                     run["levels"][level] = {m: result[m] for m in METRICS} | {"failed": result.get("failed", 0)}

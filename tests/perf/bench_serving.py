@@ -33,7 +33,8 @@ METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
 
 
 def start_vllm(model_path: str, workdir: Path) -> Server:
-    settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml")})
+    # vLLM's own server as its users start it: nothing preloaded.
+    settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml"), "HERMES_MODEL__CPU_PRELOAD": "false"})
     port = free_port()
     argv = [*engine_cli_args(settings, model_path), "--port", str(port), "--host", "127.0.0.1"]
     env = {**os.environ, **engine_environment(settings)}

@@ -95,3 +95,34 @@ def test_lora_is_on_only_with_adapters(vllm_parser) -> None:  # type: ignore[no-
 def test_adapter_names_must_not_clash() -> None:
     with pytest.raises(SettingsError, match="adapter names"):
         parse_settings({"model": {"adapters": [{"name": "smollm2-135m-instruct", "source": "/a"}]}})
+
+
+def test_cpu_preload_puts_tcmalloc_and_intel_openmp_first_and_keeps_what_was_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hermes_serve import engine
+
+    (tmp_path / "system").mkdir()
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    tcmalloc = tmp_path / "system" / engine.TCMALLOC
+    iomp = tmp_path / "venv" / "lib" / engine.IOMP
+    tcmalloc.touch()
+    iomp.touch()
+    monkeypatch.setattr(engine, "TCMALLOC_DIRS", (str(tmp_path / "none"), str(tmp_path / "system")))
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    on = parse_settings({"model": {"cpu_preload": True}})
+    environment = engine_environment(on, {"LD_PRELOAD": f"/opt/libother.so:{tcmalloc}"})
+    assert environment["LD_PRELOAD"] == f"{tcmalloc}:{iomp}:/opt/libother.so"
+    assert "LD_PRELOAD" not in engine_environment(parse_settings({"model": {"cpu_preload": False}}), {})
+    assert "LD_PRELOAD" not in engine_environment(parse_settings({"device": "gpu", "model": {"cpu_preload": True}}), {})
+
+
+def test_cpu_preload_skips_and_says_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hermes_serve import engine
+
+    monkeypatch.setattr(engine, "TCMALLOC_DIRS", (str(tmp_path),))
+    monkeypatch.setattr("sys.prefix", str(tmp_path))
+    assert "LD_PRELOAD" not in engine_environment(parse_settings({"model": {"cpu_preload": True}}), {})
+    assert "libtcmalloc-minimal4" in caplog.text and "intel-openmp" in caplog.text
