@@ -148,7 +148,47 @@ def report(runs: dict[str, list[dict[str, Any]]], levels: list[int], out: Path, 
             )
     for arm, row in table.items():
         print(f"{arm:<8} ready in {row['ready_s']:.0f}s, memory {row['rss_gib']:.2f} GiB")
+    (out / "results.md").write_text(markdown(table, levels))
     plot(table, levels, out)
+
+
+def markdown(table: dict[str, dict[str, Any]], levels: list[int]) -> str:
+    """The medians as Markdown tables, and each server's ratios to the others (for the docs)."""
+    arms = list(table)
+    lines = [
+        "| server | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | failed |",
+        "|---" * 7 + "|",
+    ]
+    for arm in arms:
+        for level in levels:
+            m = table[arm]["levels"][level]
+            lines.append(
+                f"| {arm} | {level} | {m['output_throughput']:.1f} | {m['median_ttft_ms']:.0f} | "
+                f"{m['p99_ttft_ms']:.0f} | {m['median_tpot_ms']:.2f} | {m['failed']:.0f} |"
+            )
+    lines += ["", "| server | ready in s | memory GiB |", "|---|---|---|"]
+    lines += [f"| {arm} | {row['ready_s']:.0f} | {row['rss_gib']:.2f} |" for arm, row in table.items()]
+    for base in ("vllm", "scheme1"):
+        if base not in table:
+            continue
+        lines += [
+            "",
+            f"Against {base} (ratios of tok/s, TTFT p50 and TPOT p50, each as times better: above 1 is better):",
+            "",
+        ]
+        lines += ["| server | " + " | ".join(f"c={level}" for level in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+        for arm in arms:
+            if arm == base:
+                continue
+            cells = []
+            for level in levels:
+                m, b = table[arm]["levels"][level], table[base]["levels"][level]
+                cells.append(
+                    f"{m['output_throughput'] / b['output_throughput']:.2f} · "
+                    f"{b['median_ttft_ms'] / m['median_ttft_ms']:.2f} · {b['median_tpot_ms'] / m['median_tpot_ms']:.3f}"
+                )
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(table: dict[str, dict[str, Any]], levels: list[int], out: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import secrets
 import subprocess
@@ -109,6 +110,10 @@ def run_client(
             str(concurrency),
             "--seed",
             "0",
+            # The client asks with max_completion_tokens; the tutorial's scheme 1 reads only
+            # max_tokens (and would write up to its default of 1 024): every server gets both.
+            "--extra-body",
+            json.dumps({"max_tokens": output_len}),
         ]
     )
     return main(args)
