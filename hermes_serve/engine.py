@@ -144,15 +144,41 @@ class Engine:
 
     async def _build(self) -> Any:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
         from vllm.entrypoints.launchers.app import build_app
 
-        client = await self._stack.enter_async_context(build_async_engine_client(self._args))
+        client = await self._engine_client()
         tasks = await client.get_supported_tasks()
         app = build_app(self._args, tasks, client.model_config)
         await init_app_state(client, app.state, self._args, tasks)
         self._client, self.app = client, app
         return app
+
+    async def _engine_client(self) -> Any:
+        """vLLM's engine client, as its ``build_async_engine_client`` makes it, but built off the
+        event loop: vLLM waits for its engine processes with blocking calls (about a minute
+        here), and on a restart the API must go on answering (503, ``/livez``) meanwhile. vLLM
+        supports building it outside a loop; its output handler is then started here, on ours,
+        so the engine's death is seen before any request."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine_args = AsyncEngineArgs.from_cli_args(self._args)
+        propagate_flash_late_interaction(self._args, engine_args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        client = await asyncio.to_thread(
+            AsyncLLM.from_vllm_config,
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=engine_args.enable_log_requests,
+            aggregate_engine_logging=engine_args.aggregate_engine_logging,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+        self._stack.callback(client.shutdown, timeout=vllm_config.shutdown_timeout)
+        client._run_output_handler()
+        await client.reset_mm_cache()
+        return client
 
     @property
     def served_models(self) -> frozenset[str]:

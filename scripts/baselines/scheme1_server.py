@@ -1,7 +1,7 @@
 """The tutorial's scheme 1, reproduced as written: FastAPI + llama-cpp-python (one Llama,
 called inside ``async def``), serving OpenAI's chat completions. Only the model's path and
-name come from the environment, and the port from the command line; everything else is the
-tutorial's code. A baseline for ./scripts/bench anchors, not part of the service."""
+name come from the environment, and the port from the command line; everything else but one
+marked validator (content parts, which the benchmark client sends) is the tutorial's code. A baseline for ./scripts/bench anchors, not part of the service."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import uuid
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from llama_cpp import Llama
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
 MODEL_PATH = os.environ["SCHEME1_MODEL_PATH"]  # the tutorial: "./Hermes-3-Llama-3.1-8B-Q5_K_M.gguf"
@@ -27,6 +27,16 @@ llm = Llama(model_path=MODEL_PATH, n_ctx=8192, n_gpu_layers=-1, chat_format="cha
 class Message(BaseModel):
     role: str
     content: str
+
+    # Not in the tutorial: the one change. The benchmark client (vLLM's) sends OpenAI's
+    # content-parts form, which the tutorial's `content: str` refuses with a 422; its text
+    # parts are joined into the string the tutorial's code expects.
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value):
+        if isinstance(value, list):
+            return "".join(part.get("text", "") for part in value if isinstance(part, dict))
+        return value
 
 
 class ChatRequest(BaseModel):
