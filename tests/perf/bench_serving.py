@@ -39,6 +39,7 @@ def start_vllm(model_path: str, workdir: Path) -> Server:
     port = free_port()
     argv = [*engine_cli_args(settings, model_path), "--port", str(port), "--host", "127.0.0.1"]
     env = {**os.environ, **engine_environment(settings)}
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "vllm.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv],
