@@ -85,7 +85,7 @@ class ModelSettings(_Section):
     """GPU only: fraction of GPU memory for weights + KV cache"""
     cpu_kvcache_space_gib: int | None = Field(2, gt=0)
     """CPU only: KV-cache size in whole GiB (vLLM reads it with `int()`; for a finer size pass `--kv-cache-memory-bytes` in `engine_args`)"""
-    cpu_preload: bool = False
+    cpu_preload: bool = True
     """CPU only: preload tcmalloc (Debian `libtcmalloc-minimal4`) and Intel OpenMP (`intel-openmp`, installed) into the engine's processes, as vLLM's CPU guide advises; one not found is skipped with a warning"""
     tool_call_parser: str | None = "hermes"
     """vLLM tool parser; `null` turns tool calling off"""
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": reference_table() + "\n\n" + reference_table(ApiKey),
         "model-source": settings.model.source,
         "served-name": settings.model.served_name,
+        "cpu-preload": "yes" if settings.device == "cpu" and settings.model.cpu_preload else "no",
     }
     print(answers.get(command, f"unknown command {command!r}; one of {sorted(answers)}"))
     return 0 if command in answers else 2

