@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,17 +117,8 @@ def servers_pair(
         )
         for i in range(2)
     ]
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        for server in started:
-            try:
-                servers.wait_ready(server, deadline)
-            except servers.NotReady as exc:
-                pytest.fail(str(exc))
+    with servers.serving(started, READY_TIMEOUT_S):
         yield started[0], started[1]
-    finally:
-        left_behind = [(server.log_tail(), pids) for server in started if (pids := servers.stop(server))]
-        assert not left_behind, f"left behind after SIGTERM: {left_behind}"
 
 
 @pytest.fixture(scope="session")
@@ -200,14 +190,5 @@ def fault_pair(
         servers.start(config, workdir / f"fault-{i}", keys, models=models, cpus=servers.cpu_share(i, 2))
         for i in range(2)
     ]
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        for server in started:
-            try:
-                servers.wait_ready(server, deadline)
-            except servers.NotReady as exc:
-                pytest.fail(str(exc))
+    with servers.serving(started, READY_TIMEOUT_S):
         yield started[0], started[1]
-    finally:
-        left_behind = [(server.log_tail(), pids) for server in started if (pids := servers.stop(server))]
-        assert not left_behind, f"left behind after SIGTERM: {left_behind}"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import psutil
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,3 +165,20 @@ def stop(server: Server, timeout_s: float = 60) -> list[int]:
         process.kill()
     server.process.wait(timeout=10)
     return [p.pid for p in alive]
+
+
+@contextlib.contextmanager
+def serving(started: list[Server], ready_timeout_s: float) -> Iterator[list[Server]]:
+    """Servers started together, ready within one deadline, stopped (and checked to leave
+    nothing behind) whatever happens: the e2e tier's session fixtures."""
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        for server in started:
+            try:
+                wait_ready(server, deadline)
+            except NotReady as exc:
+                pytest.fail(str(exc))
+        yield started
+    finally:
+        left_behind = [(server.log_tail(), pids) for server in started if (pids := stop(server))]
+        assert not left_behind, f"left behind after SIGTERM: {left_behind}"
