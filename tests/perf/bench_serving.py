@@ -33,12 +33,13 @@ from tests.support.servers import REPO, Server, free_port
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
 
 
-def start_vllm(model_path: str, workdir: Path) -> Server:
-    # vLLM's own server as its users start it: nothing preloaded.
+def start_vllm(model_path: str, workdir: Path, environment: dict[str, str] | None = None) -> Server:
+    """vLLM's own server with the service's engine flags, as its users start it: nothing
+    preloaded. ``environment`` is added last."""
     settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml"), "HERMES_MODEL__CPU_PRELOAD": "false"})
     port = free_port()
     argv = [*engine_cli_args(settings, model_path), "--port", str(port), "--host", "127.0.0.1"]
-    env = {**os.environ, **engine_environment(settings)}
+    env = {**os.environ, **engine_environment(settings), **(environment or {})}
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "vllm.log"
     process = subprocess.Popen(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,38 +19,23 @@ from pathlib import Path
 import httpx
 
 from hermes_serve.config import load_settings
-from hermes_serve.engine import engine_cli_args, engine_environment
 from hermes_serve.models import resolve_model_path
 from hermes_serve.vllm_patches import PLUGINS_PATH
-from tests.perf.bench_serving import start_hermes
+from tests.perf.bench_serving import start_hermes, start_vllm
 from tests.support import servers
-from tests.support.servers import REPO, Server, free_port, process_tree, wait_until
+from tests.support.servers import REPO, Server, process_tree, wait_until
 
 WITHOUT_FIX = {"VLLM_PLUGINS": "lora_filesystem_resolver"}  # an allowlist that leaves ours out
-
-
-def start_vllm(workdir: Path, environment: dict[str, str], with_fix: bool) -> Server:
-    settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml")})
-    port = free_port()
-    model = resolve_model_path(settings.model.source)
-    argv = [*engine_cli_args(settings, model), "--port", str(port), "--host", "127.0.0.1"]
-    env = {**os.environ, **engine_environment(settings), **environment}
-    if with_fix:  # how the service makes vLLM's processes find the plugin, for the bare server
-        env["PYTHONPATH"] = os.pathsep.join([str(PLUGINS_PATH), str(REPO)])
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "vllm.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    return Server(f"http://127.0.0.1:{port}", {}, log, process, ready_path="/health")
 
 
 def timed_start(kind: str, with_fix: bool, cache: Path, workdir: Path, key: str) -> tuple[float, Server]:
     environment = {"VLLM_CACHE_ROOT": str(cache), **({} if with_fix else WITHOUT_FIX)}
     started = time.monotonic()
     if kind == "vllm":
-        server = start_vllm(workdir, environment, with_fix)
+        if with_fix:  # how the service makes vLLM's processes find the plugin, for the bare server
+            environment["PYTHONPATH"] = os.pathsep.join([str(PLUGINS_PATH), str(REPO)])
+        settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml")})
+        server = start_vllm(resolve_model_path(settings.model.source), workdir, environment)
     else:
         server = start_hermes(key, workdir, environment=environment)
     servers.wait_ready(server, time.monotonic() + 1200)
