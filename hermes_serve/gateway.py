@@ -193,6 +193,7 @@ class Gateway:
         api.validate(body)
         self._tenancy.claim(body, principal)
         reply.meter = meter = api.meter(body)
+        reply.hold_end = True  # released below, once the tokens are settled
         request.replace_body(body)
         reservation = await self._limits.admit(principal, api.estimate(body, max_model_len))
         reply.headers.update(reservation.headers)
@@ -208,6 +209,7 @@ class Gateway:
             else:
                 record.tokens = 0
             await self._limits.settle(reservation, record.tokens)
+            await reply.release()
 
     async def _run(self, principal: Principal, scope: Scope, request: Incoming, reply: Relay, started: float) -> None:
         """Wait for a slot, run the engine, and stop it when the client leaves or time is up."""

@@ -4,6 +4,8 @@ Everything sent to the client goes through here, so one place knows whether a re
 started. Engine errors and JSON answers are buffered (errors are rewritten into the API's
 error shape, JSON answers carry usage); streams pass through chunk by chunk past a meter.
 Once the gateway gives up on the engine (``detach``), the engine's late output is dropped.
+A generation's last message waits (``hold_end``) until the gateway has settled its tokens, so a
+client that has its whole answer already sees them in its standing.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Relay:
         """Whether the client has seen the response start."""
         self.engine_refused = False
         """Whether the engine answered with an error (it then reports no usage)."""
+        self.hold_end = False
+        """Keep a successful answer's last message until ``release``."""
+        self._held: list[Message] = []
         self._streaming = False
         self._start: Message | None = None
         self._buffer: list[bytes] | None = None
@@ -78,9 +83,9 @@ class Relay:
             return await self.fail(errors.engine_failed())
         if self.meter.feed(chunk):
             self._events_sent += chunk.count(b"data: ")
-            await self._send(message)
+            await (self._send(message) if more else self._end(message))
         elif not more:
-            await self._send({"type": "http.response.body", "body": b""})
+            await self._end({"type": "http.response.body", "body": b""})
 
     def detach(self) -> None:
         """Ignore whatever the engine still sends: the gateway answers from here on."""
@@ -103,8 +108,21 @@ class Relay:
             headers = MutableHeaders(raw=list(start.get("headers", [])))
             headers["content-length"] = str(len(payload))
             start = {**start, "headers": headers.raw}
-        await self._send_start(start)
-        await self._send({"type": "http.response.body", "body": payload})
+        await self._end(self._with_headers(start), {"type": "http.response.body", "body": payload})
+
+    async def _end(self, *messages: Message) -> None:
+        """The answer's last messages: held if asked (a whole JSON answer, a stream's end)."""
+        if self.hold_end:
+            self._held = list(messages)
+            return
+        for message in messages:
+            await self._send_raw(message)
+
+    async def release(self) -> None:
+        """Send what ``_end`` held (the gateway calls this once the tokens are settled)."""
+        held, self._held = self._held, []
+        for message in held:
+            await self._send_raw(message)
 
     # --- the gateway's own answers ----------------------------------------------------------
 
@@ -123,6 +141,7 @@ class Relay:
         if self._closed:
             return
         self._closed = True
+        self._held = []  # an answer cut short by a failure ends with the failure instead
         if self.outcome == "ok":  # a client that left stays "client_closed_request"
             self.outcome = error.code or "error"
         if not self.started:
@@ -139,14 +158,18 @@ class Relay:
         """Every request gets an answer, even one nobody is left to read: BentoML's timeout
         middleware waits for a first byte, and would hold the request (and a graceful
         shutdown) until traffic.timeout otherwise."""
+        await self.release()
         if not self.started:
             await self.fail(errors.client_closed_request())
 
     # --- sending ----------------------------------------------------------------------------
 
     async def _send_start(self, start: Message) -> None:
+        await self._send_raw(self._with_headers(start))
+
+    def _with_headers(self, start: Message) -> Message:
         extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        await self._send_raw({**start, "headers": [*start.get("headers", []), *extra]})
+        return {**start, "headers": [*start.get("headers", []), *extra]}
 
     async def _send_raw(self, message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -1,7 +1,9 @@
 """The tutorial's scheme 1, reproduced as written: FastAPI + llama-cpp-python (one Llama,
 called inside ``async def``), serving OpenAI's chat completions. Only the model's path and
-name come from the environment, and the port from the command line; everything else but one
-marked validator (content parts, which the benchmark client sends) is the tutorial's code. A baseline for ./scripts/bench anchors, not part of the service."""
+name come from the environment, and the port from the command line; everything else but two
+marked changes is the tutorial's code: a validator for content parts (the benchmark client's
+form), and ``ignore_eos`` (which the benchmark sends every server, so that every server writes
+the same number of tokens). A baseline for ./scripts/bench anchors, not part of the service."""
 
 import json
 import os
@@ -47,6 +49,19 @@ class ChatRequest(BaseModel):
     max_tokens: int = Field(default=1024, ge=1, le=8192)
     stream: bool = False
     stop: list[str] | None = None
+    # Not in the tutorial: the second change. vLLM's `ignore_eos`, which the benchmark sends
+    # every server: the model's end tokens are banned, so each answer runs to max_tokens and
+    # scheme 1 does the same work as the others (left out, its answers to random prompts often
+    # end at once, each still costing a prefill).
+    ignore_eos: bool = False
+
+
+def end_bias(request: ChatRequest) -> dict[str, float] | None:
+    """The second change: a logit bias that bans the end tokens when ``ignore_eos`` is asked."""
+    if not request.ignore_eos:
+        return None
+    ends = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
+    return {str(token): -1e9 for token in ends}
 
 
 @app.get("/v1/models")
@@ -71,6 +86,7 @@ async def chat_completions(request: ChatRequest):
             top_p=request.top_p,
             max_tokens=request.max_tokens,
             stop=request.stop,
+            logit_bias=end_bias(request),  # the second change
         )
 
         return {
@@ -100,6 +116,7 @@ async def stream_response(messages, request):
         max_tokens=request.max_tokens,
         stop=request.stop,
         stream=True,
+        logit_bias=end_bias(request),  # the second change
     )
     for chunk in stream:
         delta = chunk["choices"][0].get("delta", {})

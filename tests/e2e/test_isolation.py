@@ -171,7 +171,7 @@ def test_a_high_priority_key_gets_ahead_of_a_flood_inside_the_engine(isolated: S
         record_property(name, value)
     print(f"priority experiment: {figures}")
     assert preempted_high >= 1, figures  # the flood outgrew the cache: the engine preempted part of it
-    assert ttft_high < 12.0, figures  # the bound measured and stated in docs/isolation.md
+    # The bound stated in docs/isolation.md: a ratio measured side by side (times are the machine's).
     assert ttft_high < ttft_equal / 2, figures
     assert wait_until(lambda: engine_idle(isolated), 120)
 

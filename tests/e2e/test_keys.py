@@ -16,7 +16,7 @@ import pytest
 
 from hermes_serve.apis import CHAT
 from tests.e2e.conftest import SERVED_NAME
-from tests.support.reloading import edited, reloads
+from tests.support.reloading import RELOAD_WAIT_S, edited, reloads
 from tests.support.servers import Server, process_tree, wait_until
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -48,7 +48,7 @@ def stream_through(server: Server, max_tokens: int, done: threading.Event, resul
 
 
 def test_keys_added_and_removed_in_the_file_apply_to_both_servers_with_a_stream_running(
-    servers_pair: tuple[Server, Server],
+    servers_pair: tuple[Server, Server], record_property: Any
 ) -> None:
     first, second = servers_pair
     secret = "hs-added-" + secrets.token_urlsafe(12)
@@ -61,7 +61,7 @@ def test_keys_added_and_removed_in_the_file_apply_to_both_servers_with_a_stream_
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0).models.list()
     with edited(servers_pair, add_key("added", secret)) as took:
-        assert took < 5
+        record_property("reload_s", round(took, 1))  # a figure, not a timed assertion
         for server in servers_pair:
             openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0).models.list()
         with edited(servers_pair, remove_key("added")):
@@ -103,7 +103,7 @@ def test_sighup_reloads_without_restarting_the_worker_or_cutting_a_stream(server
     assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
     before = reloads(server)
     server.process.send_signal(signal.SIGHUP)  # to `bentoml serve`, as `kill -HUP` would
-    assert wait_until(lambda: reloads(server) == before + 1, 5)
+    assert wait_until(lambda: reloads(server) == before + 1, RELOAD_WAIT_S)
     assert not done.is_set(), "the stream runs through the reload"
     streamer.join(timeout=120)
     assert result["status"] == 200 and result["end"][1] == "data: [DONE]" and "error" not in result["end"][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +39,10 @@ async def call(
     key: str | None = None,
     headers: dict[str, str] | None = None,
     disconnect_after_s: float | None = None,
+    on_end: Callable[[], Awaitable[None]] | None = None,
 ) -> Reply:
-    """One request; ``disconnect_after_s`` makes the client leave that long after sending it."""
+    """One request; ``disconnect_after_s`` makes the client leave that long after sending it;
+    ``on_end`` runs the moment the response's last message arrives, before the app goes on."""
     payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     if key:
@@ -70,6 +73,8 @@ async def call(
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 response_done.set()
+                if on_end is not None:
+                    await on_end()
 
     await app(scope, receive, send)
     headers_out = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}

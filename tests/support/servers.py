@@ -65,7 +65,11 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
     def metrics_text(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=10).text
+        started = time.monotonic()
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        if (took := time.monotonic() - started) > 2:  # shown with a failing test's output
+            print(f"slow scrape: /metrics of {self.url} took {took:.1f}s")
+        return text
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus series from /metrics over the label sets that match ``labels``."""

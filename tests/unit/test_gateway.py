@@ -453,6 +453,21 @@ async def test_usage_shows_the_calling_keys_own_standing() -> None:
     assert (await call(gateway, "GET", "/v1/usage", key=None)).status == 401
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_has_its_whole_answer_already_sees_its_tokens_in_its_standing(stream: bool) -> None:
+    """Read-your-writes: the answer's last message waits for the tokens to be settled."""
+    gateway, _, _ = build(auth={"keys": [{"name": "team", "sha256": hash_key(KEY), "tokens_per_day": 5000}]})
+    seen: list[dict[str, Any]] = []
+
+    async def standing() -> None:
+        seen.append((await call(gateway, "GET", "/v1/usage")).json()["limits"]["tokens_per_day"])
+
+    body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}} if stream else HELLO
+    reply = await call(gateway, "POST", CHAT, body, on_end=standing)
+    assert reply.status == 200
+    assert (seen[0]["used"], seen[0]["reserved"]) == (USAGE["total_tokens"], 0)
+
+
 async def test_a_day_budget_is_429_insufficient_quota_without_sdk_retries() -> None:
     gateway, engine, _ = build(auth={"keys": [{"name": "team", "sha256": hash_key(KEY), "tokens_per_day": 2100}]})
     assert (await call(gateway, "POST", CHAT, {**HELLO, "max_tokens": 1000})).status == 200
