@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from hermes_serve import errors
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
+from hermes_serve.bentoml_patches import label_traffic_metrics_by_route
 from hermes_serve.config import Settings, config_path, load_settings
 from hermes_serve.engine import Engine
 from hermes_serve.gateway import Front, Gateway, with_cors
@@ -31,6 +32,7 @@ from hermes_serve.supervisor import forward_sighup
 logger = logging.getLogger("hermes_serve")
 # In `bentoml serve`'s own process (the supervisor), SIGHUP then reloads keys, not workers.
 forward_sighup()
+label_traffic_metrics_by_route()  # before BentoML builds the app around ours
 
 
 class LateBound:

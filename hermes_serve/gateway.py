@@ -302,10 +302,6 @@ def with_cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
     )
 
 
-BENTOML_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
-"""BentoML's own routes: probes and Prometheus. Every other path is the gateway's."""
-
-
 class Front:
     """Pure-ASGI middleware around BentoML's app. BentoML keeps its probes and ``/metrics``
     (which asks for a key when configured); every other request goes to ``gateway_app``, so
@@ -318,7 +314,7 @@ class Front:
         self._gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in BENTOML_PATHS - {"/metrics"}:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in routes.BENTOML_PATHS - {"/metrics"}:
             return await self._app(scope, receive, send)
         if scope["path"] != "/metrics":
             return await self._gateway_app(scope, receive, send)

@@ -90,6 +90,10 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+# BentoML's own routes: probes and Prometheus. Every other path is the gateway's.
+BENTOML_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+
+
 def find(path: str) -> tuple[Route, dict[str, str]] | None:
     for route in ROUTES:
         params = route.match(path)

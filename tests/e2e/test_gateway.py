@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -194,3 +195,19 @@ def test_gateway_metrics_by_key_name(server: Server) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     assert 'hermes_requests_total{key="tester",route="/v1/models",status="200"}' in text
     assert all(key not in text for key in server.keys.values())
+
+
+def test_paths_clients_make_up_add_no_series_and_never_show_in_metrics(server: Server) -> None:
+    """BentoML's own traffic metrics count routes (hermes_serve/bentoml_patches.py)."""
+    made_up = "made-up-" + secrets.token_hex(6)
+    with server.http() as http:
+        for path in (f"/{made_up}", f"/v1/responses/{made_up}", f"/console/{made_up}.js", f"/v1/{made_up}/x"):
+            assert http.get(path).status_code == 404
+    text = server.metrics_text()
+    assert made_up not in text
+    assert 'endpoint="other"' in text and 'endpoint="/v1/responses/{id:path}"' in text
+    lines = text.count("\n")
+    for i in range(20):
+        httpx.get(f"{server.url}/{made_up}-{i}")
+    # Each new path used to add three series, one a histogram: about 40 lines.
+    assert server.metrics_text().count("\n") - lines < 10, "twenty more made-up paths, no more series"
