@@ -75,11 +75,34 @@ def tree_rss_gib(server: Server) -> float:
     return sum(p.memory_info().rss for p in servers.process_tree(server) if p.is_running()) / 2**30
 
 
+def accept_crlf_events() -> None:
+    """vLLM's benchmark client splits server-sent events on "\\n\\n" only. Scheme 1's
+    sse_starlette ends them with "\\r\\n\\r\\n" (as valid): two events that arrived in one
+    read were never parsed, and the answer counted as failed or short. Line endings are
+    made one before the client splits; servers that send "\\n\\n" see no change."""
+    from vllm.benchmarks.lib import endpoint_request_func as client
+
+    base = client.StreamedResponseHandler
+    if getattr(base, "accepts_crlf", False):
+        return
+
+    class Handler(base):  # type: ignore[misc, valid-type]
+        accepts_crlf = True
+
+        def add_chunk(self, chunk_bytes: bytes) -> list[str]:
+            self.buffer = (self.buffer + self._decoder.decode(chunk_bytes)).replace("\r\n", "\n")
+            return list(super().add_chunk(b""))
+
+    client.StreamedResponseHandler = Handler  # type: ignore[misc]
+
+
 def run_client(
     base_url: str, model: str, tokenizer: str, concurrency: int, prompts: int, key: str | None, output_len: int = 64
 ) -> dict[str, Any]:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    accept_crlf_events()
 
     if key:
         os.environ["OPENAI_API_KEY"] = key  # the benchmark client sends it as a Bearer token
