@@ -25,7 +25,7 @@ def endpoint_label(path: str) -> str:
     if path in routes.BENTOML_PATHS:
         return path
     found = routes.find(path)
-    return found[0].path if found else "other"
+    return routes.label(found[0] if found else None)
 
 
 class _RealPath:

@@ -117,7 +117,7 @@ class Gateway:
         request_id = secrets.token_hex(12)
         request = Incoming(scope, receive)
         route, params = routes.find(request.path) or (None, {})
-        record = Record(request_id, request.method, route.path if route else "other", self._clock())
+        record = Record(request_id, request.method, routes.label(route), self._clock())
         reply = Relay(send, request_id, route.dialect if route else errors.OPENAI, engine_alive=lambda: self.ready)
         try:
             await self._serve(route, params, request, reply, record)

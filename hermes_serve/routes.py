@@ -94,6 +94,12 @@ ROUTES: tuple[Route, ...] = (
 BENTOML_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 
 
+def label(route: Route | None) -> str:
+    """A request's name in metrics and logs: its route's pattern, or "other" (a bounded set,
+    whatever paths clients make up)."""
+    return route.path if route is not None else "other"
+
+
 def find(path: str) -> tuple[Route, dict[str, str]] | None:
     for route in ROUTES:
         params = route.match(path)

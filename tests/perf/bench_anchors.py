@@ -6,7 +6,8 @@ server, and the tutorial's scheme 1 (FastAPI + llama-cpp-python, scripts/baselin
 
 Each repetition starts every server fresh, in a rotated order (interleaved: no server always
 runs first or last), and drives it with vLLM's serving benchmark: streaming chat, random
-prompts of 128 tokens, 128 output tokens, max(16, 2 x concurrency) prompts per level.
+prompts of 128 tokens, 128 output tokens (`ignore_eos`, which scheme 1 honours too, so every
+server writes the same tokens), max(16, concurrency) prompts per level.
 Reports medians over the repetitions (output tok/s, TTFT p50/p99, TPOT p50, errors), the
 memory of each server's process tree and its start-up time; writes results.json and two PNG
 plots (tok/s and TTFT p50 against concurrency) to --out.
