@@ -35,10 +35,6 @@ def refused_cleanly(reply: httpx.Response, status: int, code: str) -> None:
     assert int(reply.headers["retry-after"]) >= 1
 
 
-def engine_idle(server: Server) -> bool:
-    return server.metric("vllm:num_requests_running") == 0 and server.metric("hermes_running_requests") == 0
-
-
 def test_limits_storage_down_before_start_up_then_back(
     fault_pair: tuple[Server, Server], fault_redis: RedisServer
 ) -> None:
@@ -108,7 +104,7 @@ def test_five_hundred_clients_at_once(fault_pair: tuple[Server, Server], record_
     assert set(by_status) <= {200, 429, 503, 504} and by_status.get(503, 0) > 0
     mean = sum(ok_by_key.values()) / len(keys)
     assert len(ok_by_key) == 5 and all(abs(n - mean) <= 0.2 * mean for n in ok_by_key.values()), ok_by_key
-    assert wait_until(lambda: engine_idle(server), 60)
+    assert wait_until(server.idle, 60)
     started = time.monotonic()
     assert post(server, "tester", {**HI, "max_tokens": 16, "ignore_eos": True}).status_code == 200
     after = time.monotonic() - started
@@ -122,7 +118,7 @@ def test_soak_one_minute(fault_pair: tuple[Server, Server], record_property: Any
     asyncio.run(mixed_load(server, "soak", "soak-limited", seconds=15, rate_per_s=4))  # warm-up: every kind once
 
     def sample() -> tuple[float, float, int]:
-        assert wait_until(lambda: engine_idle(server), 60)
+        assert wait_until(server.idle, 60)
         time.sleep(6)  # the task gauge is sampled every 5 s
         rss = worker_process(server).memory_info().rss / 2**20
         return rss, server.metric("hermes_event_loop_tasks"), series_count(server)

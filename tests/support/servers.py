@@ -47,6 +47,20 @@ def write_config(path: Path, section: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump({"services": {"hermes": {"traffic": {"timeout": 3600}, **section}}}))
 
 
+@dataclass(frozen=True)
+class Scrape:
+    text: str
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of a series over the label sets that match ``labels``."""
+        total = 0.0
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        for line in self.text.splitlines():
+            if line.startswith(name) and line[len(name)] in " {" and all(w in line for w in wanted):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
 @dataclass
 class Server:
     url: str
@@ -71,14 +85,19 @@ class Server:
             print(f"slow scrape: /metrics of {self.url} took {took:.1f}s")
         return text
 
+    def scrape(self) -> Scrape:
+        """One reading of /metrics, for conditions on several series at one instant."""
+        return Scrape(self.metrics_text())
+
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus series from /metrics over the label sets that match ``labels``."""
-        total = 0.0
-        wanted = [f'{k}="{v}"' for k, v in labels.items()]
-        for line in self.metrics_text().splitlines():
-            if line.startswith(name) and line[len(name)] in " {" and all(w in line for w in wanted):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return self.scrape().value(name, **labels)
+
+    def idle(self) -> bool:
+        """Nothing running or waiting, in the gateway or the engine (one scrape: one instant)."""
+        scrape = self.scrape()
+        series = ("vllm:num_requests_running", "vllm:num_requests_waiting", "hermes_running_requests")
+        return all(scrape.value(name) == 0 for name in series)
 
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
