@@ -21,7 +21,7 @@ def charged(server: Server) -> float:
     return server.metric("hermes_tokens_total", key="meter")
 
 
-def wait_for_charge(server: Server, before: float, expected: Callable[[float], bool], timeout: float = 10) -> float:
+def wait_for_charge(server: Server, before: float, expected: Callable[[float], bool], timeout: float = 30) -> float:
     """The charge lands when the gateway settles, just after the client has its answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from hermes_serve.limits import HOLD_MARGIN_S
 from tests.e2e.conftest import FAULT_REQUEST_TIMEOUT_S, SERVED_NAME
 from tests.support.load import crowd, mixed_load, one_request, series_count, worker_process
 from tests.support.redis import RedisServer
@@ -44,7 +45,7 @@ def test_limits_storage_down_before_start_up_then_back(
         assert server.metric("hermes_limits_storage_up") == 0
     fault_redis.start()  # no restart of ours: the next requests find it
     for server in fault_pair:
-        assert wait_until(lambda s=server: post(s, "guarded").status_code == 200, 10)
+        assert wait_until(lambda s=server: post(s, "guarded").status_code == 200, 30)
         assert server.metric("hermes_limits_storage_up") == 1
 
 
@@ -74,26 +75,36 @@ def test_limits_storage_lost_under_load_and_slow(
     assert set(statuses) <= {200, 503} and took < 90, (statuses, took)
     refused_cleanly(post(server, "guarded"), 503, "limits_unavailable")
     fault_redis.start()
-    assert wait_until(lambda: post(server, "guarded").status_code == 200, 10)
+    assert wait_until(lambda: post(server, "guarded").status_code == 200, 30)
 
-    # Slower than its 2 s timeout: refused in time, never hung.
-    stall = threading.Thread(target=fault_redis.command, args=("DEBUG", "SLEEP", "4"))
+    # Slower than its 2 s timeout: refused in time, never hung. Redis stalls for 10 s, so a
+    # request that waited for it would take over 9 s; the bound leaves a busy machine 4 s.
+    stall = threading.Thread(target=fault_redis.command, args=("DEBUG", "SLEEP", "10"))
     stall.start()
     time.sleep(0.3)
     started = time.monotonic()
     refused_cleanly(post(server, "guarded"), 503, "limits_unavailable")
     waited = time.monotonic() - started
     record_property("redis_slow_refused_after_s", round(waited, 2))
-    assert waited < 3.5, waited
+    assert waited < 6, waited
     stall.join()
-    assert wait_until(lambda: post(server, "guarded").status_code == 200, 10)
+    assert wait_until(lambda: post(server, "guarded").status_code == 200, 30)
+
+
+def normal_request_s(server: Server, probes: int = 3) -> float:
+    """The time of a short generation, the fastest of a few: one stall of a busy machine
+    moves one probe, not the figure."""
+    times = []
+    for _ in range(probes):
+        started = time.monotonic()
+        assert post(server, "tester", {**HI, "max_tokens": 16, "ignore_eos": True}).status_code == 200
+        times.append(time.monotonic() - started)
+    return min(times)
 
 
 def test_five_hundred_clients_at_once(fault_pair: tuple[Server, Server], record_property: Any) -> None:
     server = fault_pair[0]
-    started = time.monotonic()
-    assert post(server, "tester", {**HI, "max_tokens": 16, "ignore_eos": True}).status_code == 200
-    normal = time.monotonic() - started
+    normal = normal_request_s(server)
     keys = [f"crowd-{i}" for i in range(1, 6)]
     tally = asyncio.run(crowd(server, keys, 500, {**HI, "max_tokens": 16, "ignore_eos": True}))
     by_status, ok_by_key = tally.by_status(), tally.ok_by_key()
@@ -105,9 +116,7 @@ def test_five_hundred_clients_at_once(fault_pair: tuple[Server, Server], record_
     mean = sum(ok_by_key.values()) / len(keys)
     assert len(ok_by_key) == 5 and all(abs(n - mean) <= 0.2 * mean for n in ok_by_key.values()), ok_by_key
     assert wait_until(server.idle, 60)
-    started = time.monotonic()
-    assert post(server, "tester", {**HI, "max_tokens": 16, "ignore_eos": True}).status_code == 200
-    after = time.monotonic() - started
+    after = normal_request_s(server)
     record_property("normal_request_s", {"before": round(normal, 2), "after": round(after, 2)})
     assert after <= max(2 * normal, normal + 1.0), (normal, after)
 
@@ -162,16 +171,19 @@ def test_engine_dies_under_load_and_comes_back(fault_pair: tuple[Server, Server]
     core.kill()
     for thread in threads:
         thread.join(timeout=60)
+    # "At once" against a hang, which would last until the engine is back (minutes): the
+    # bounds leave a busy 2-core machine room, and the figures are recorded.
     started = time.monotonic()
     refused_cleanly(post(server, "tester"), 503, "model_not_ready")
-    assert time.monotonic() - started < 1.0, "refused at once, not hung"
+    first_refusal = time.monotonic() - started
+    assert first_refusal < 3.0, "refused at once, not hung"
     for i in range(10):
         assert isinstance(ends[i], list), f"stream {i} was cut: {ends[i]!r}"
         error, done = ends[i]
         assert json.loads(error.removeprefix("data: "))["error"]["code"] == "engine_failed" and done == "data: [DONE]"
     # Until the engine is back, the API answers at once: requests refused, the process live
     # (the engine starts again off the event loop).
-    deadline, answered = time.monotonic() + 300, 0
+    deadline, answered, slowest = time.monotonic() + 300, 0, 0.0
     with server.http(key=None) as probe:
         while probe.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, server.log_tail()
@@ -181,14 +193,16 @@ def test_engine_dies_under_load_and_comes_back(fault_pair: tuple[Server, Server]
                 break  # back between the two probes
             refused_cleanly(reply, 503, "model_not_ready")
             assert probe.get("/livez", timeout=5).status_code == 200, "the process stays; only the engine restarts"
-            assert time.monotonic() - started < 2.0, "answered at once while the engine restarts"
+            slowest = max(slowest, time.monotonic() - started)
+            assert slowest < 4.0, "answered at once while the engine restarts"
             answered += 1
             time.sleep(0.5)
     assert answered >= 10, f"only {answered} probes while the engine restarted"
     recovered = time.monotonic() - killed
     record_property("engine_recovery_s", round(recovered, 1))
     record_property("answered_while_restarting", answered)
-    print(f"engine recovery: {recovered:.1f}s; {answered} probes answered meanwhile")
+    record_property("refusal_s", {"first": round(first_refusal, 2), "slowest_probe": round(slowest, 2)})
+    print(f"engine recovery: {recovered:.1f}s; {answered} probes answered meanwhile, the slowest in {slowest:.2f}s")
     assert post(server, "tester").status_code == 200
     assert server.metric("hermes_engine_restarts_total") == 1
 
@@ -224,7 +238,9 @@ def test_a_replica_killed_mid_request(fault_pair: tuple[Server, Server], record_
     assert wait_until(lambda: reserved() == 0, FAULT_REQUEST_TIMEOUT_S + 10)
     freed_after = time.monotonic() - killed
     record_property("reservations_freed_after_s", round(freed_after, 1))
-    assert freed_after <= FAULT_REQUEST_TIMEOUT_S + 2 + 1, freed_after
+    # Each was made before the kill and is held at most request_timeout_s + HOLD_MARGIN_S; 5 s
+    # more for polling /v1/usage on a busy machine (before per-reservation expiry: an hour).
+    assert freed_after <= FAULT_REQUEST_TIMEOUT_S + HOLD_MARGIN_S + 5, freed_after
     reply = post(survivor, "held", big)
     assert reply.status_code == 200, reply.text
     used = reply.json()["usage"]["total_tokens"]

@@ -25,6 +25,14 @@ LONG = {
 OPENAI_ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
+# A request's fate under a full gateway, and the reason it is counted under.
+REFUSED_BY_FATE = {"refused": "server_overloaded", "queued": "queue_timeout", "running": "request_timeout"}
+
+
+def rejections(server: Server, reason: str) -> float:
+    return server.metric("hermes_rejections_total", key="tester", reason=reason)
+
+
 def _error(response: httpx.Response) -> dict[str, object]:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == OPENAI_ERROR_FIELDS, body
@@ -72,28 +80,29 @@ def test_two_processes_over_one_redis_share_a_key_budget(servers_pair: tuple[Ser
 
 
 def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: Server) -> None:
-    """Concurrency 1, queue 1: the running request times out, the queued one waits too long,
-    and a third is refused at once."""
-    results: dict[str, httpx.Response] = {}
+    """Concurrency 1, queue 1, three long requests at once: one runs and times out, one waits
+    too long in the queue, and one is refused at once.
 
-    def post(name: str) -> None:
+    Which request gets which fate is the order they reach the gateway in, so the test checks
+    the three fates, not who got them: nothing has to be seen in the short life of a queue
+    place (a slow /metrics scrape on a busy machine once missed it)."""
+    rejected_before = {reason: rejections(server, reason) for reason in REFUSED_BY_FATE.values()}
+
+    def post(_: int) -> httpx.Response:
         with server.http() as http:
-            results[name] = http.post("/v1/chat/completions", json=LONG)
+            return http.post("/v1/chat/completions", json=LONG)
 
     with ThreadPoolExecutor(3) as pool:
-        pool.submit(post, "running")
-        assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
-        pool.submit(post, "queued")
-        # Seen before its queue_timeout_s ends, however slow the machine.
-        assert wait_until(lambda: server.metric("hermes_waiting_requests") == 1, QUEUE_TIMEOUT_S)
-        post("refused")
-    refused, queued, running = results["refused"], results["queued"], results["running"]
+        replies = list(pool.map(post, range(3)))
+    by_code = {_error(reply)["code"]: reply for reply in replies if reply.status_code != 200}
+    assert sorted(by_code) == sorted(REFUSED_BY_FATE.values()), [reply.text for reply in replies]
 
-    assert refused.status_code == 503, refused.text
-    assert _error(refused)["code"] == "server_overloaded"
+    refused, queued, running = (by_code[REFUSED_BY_FATE[fate]] for fate in ("refused", "queued", "running"))
+    assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) >= 1
-    assert queued.status_code == 504 and _error(queued)["code"] == "queue_timeout", queued.text
-    assert running.status_code == 504 and _error(running)["code"] == "request_timeout", running.text
+    assert queued.status_code == 504 and running.status_code == 504
+    # Each fate counted once, under its own reason, as the access log and metrics say.
+    assert wait_until(lambda: all(rejections(server, r) == rejected_before[r] + 1 for r in REFUSED_BY_FATE.values()))
     assert wait_until(server.idle), "engine request was not aborted"
 
 
@@ -108,14 +117,21 @@ def test_stream_past_request_timeout_ends_with_an_error_frame(server: Server) ->
 
 
 def test_client_that_cuts_a_stream_frees_the_engine(server: Server) -> None:
+    left, timed_out = rejections(server, "client_closed_request"), rejections(server, "request_timeout")
+    generated = server.metric("vllm:generation_tokens_total")
     with server.http() as http, http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
         assert server.metric("vllm:num_requests_running") == 1
-    # Leaving the block closes the connection mid-stream. The wait stays well short of the
-    # request's own timeout (REQUEST_TIMEOUT_S), which would end it anyway.
-    assert wait_until(server.idle, timeout=REQUEST_TIMEOUT_S / 2), "engine kept generating"
+    # Leaving the block closes the connection mid-stream. Read from counters, which no slow
+    # scrape can miss: the gateway ended it as a client that left (not at its time limit,
+    # which would end it anyway), and the engine stopped short of the tokens it was asked
+    # for (ignore_eos: it would have generated them all).
+    assert wait_until(lambda: rejections(server, "client_closed_request") == left + 1, REQUEST_TIMEOUT_S * 2)
+    assert rejections(server, "request_timeout") == timed_out
+    assert wait_until(server.idle, 120), "engine kept generating"
+    assert server.metric("vllm:generation_tokens_total") - generated < LONG["max_tokens"], "engine kept generating"
 
 
 def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> None:
@@ -134,9 +150,15 @@ def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> No
     holder.start()
     try:
         assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
+        left, timed_out = rejections(server, "client_closed_request"), rejections(server, "queue_timeout")
         with pytest.raises(httpx.ReadTimeout), server.http() as http:
             http.post("/v1/chat/completions", json=LONG, timeout=1.0)
-        assert wait_until(lambda: server.metric("hermes_waiting_requests") == 0, timeout=QUEUE_TIMEOUT_S - 1)
+        # Its place is freed when it leaves, not when its queue_timeout_s ends: it is counted as
+        # a client that left, never as a queue timeout. (Counters, not the queue's gauge: a
+        # slow scrape cannot miss them.)
+        assert wait_until(lambda: rejections(server, "client_closed_request") == left + 1, QUEUE_TIMEOUT_S * 3)
+        assert rejections(server, "queue_timeout") == timed_out
+        assert server.metric("hermes_waiting_requests") == 0
     finally:
         done.set()
         holder.join()

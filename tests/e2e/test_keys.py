@@ -98,7 +98,9 @@ def test_an_expired_key_is_refused(servers_pair: tuple[Server, Server]) -> None:
 def test_sighup_reloads_without_restarting_the_worker_or_cutting_a_stream(server: Server) -> None:
     workers = {p.pid for p in process_tree(server)}
     done, result = threading.Event(), {}
-    streamer = threading.Thread(target=stream_through, args=(server, 400, done, result))
+    # As long as the server lets a request run (request_timeout_s, 25 s): the reload has that
+    # long to be seen, however slow the machine.
+    streamer = threading.Thread(target=stream_through, args=(server, 1900, done, result))
     streamer.start()
     assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
     before = reloads(server)
@@ -106,7 +108,9 @@ def test_sighup_reloads_without_restarting_the_worker_or_cutting_a_stream(server
     assert wait_until(lambda: reloads(server) == before + 1, RELOAD_WAIT_S)
     assert not done.is_set(), "the stream runs through the reload"
     streamer.join(timeout=120)
-    assert result["status"] == 200 and result["end"][1] == "data: [DONE]" and "error" not in result["end"][0]
+    assert result["status"] == 200 and result["end"][1] == "data: [DONE]", result
+    # Ended well, or by its time limit on a slower machine: never by another error.
+    assert "error" not in result["end"][0] or '"request_timeout"' in result["end"][0], result
     assert {p.pid for p in process_tree(server)} == workers, "no process was restarted"
     assert server.http(key=None).get("/readyz").status_code == 200
 

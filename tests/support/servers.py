@@ -142,7 +142,7 @@ def start(
     return Server(f"http://127.0.0.1:{port}", keys, log, process, config, environment or {})
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
     """Poll ``condition`` (an observable state: a metric, a status) until true or ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
