@@ -137,6 +137,13 @@ def client(server: Server) -> openai.OpenAI:
     return server.client()
 
 
+@pytest.fixture
+def slot_free(server: Server) -> None:
+    """For tests that take the first server's one engine slot: nothing of an earlier test's
+    is still running or queued there."""
+    assert servers.wait_until(server.idle, 60), "an earlier test's request still holds the slot"
+
+
 # --- the fault tier: two more servers, over a Redis of their own that starts out down ----------
 
 FAULT_REQUEST_TIMEOUT_S = 20

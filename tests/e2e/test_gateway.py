@@ -79,6 +79,7 @@ def test_two_processes_over_one_redis_share_a_key_budget(servers_pair: tuple[Ser
         second.client("shared").chat.completions.create(model=SERVED_NAME, messages=HELLO, max_tokens=2)
 
 
+@pytest.mark.usefixtures("slot_free")
 def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: Server) -> None:
     """Concurrency 1, queue 1, three long requests at once: one runs and times out, one waits
     too long in the queue, and one is refused at once.
@@ -106,6 +107,7 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
     assert wait_until(server.idle), "engine request was not aborted"
 
 
+@pytest.mark.usefixtures("slot_free")
 def test_stream_past_request_timeout_ends_with_an_error_frame(server: Server) -> None:
     started = time.monotonic()
     with server.http() as http, http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
@@ -116,6 +118,7 @@ def test_stream_past_request_timeout_ends_with_an_error_frame(server: Server) ->
     assert wait_until(server.idle)
 
 
+@pytest.mark.usefixtures("slot_free")
 def test_client_that_cuts_a_stream_frees_the_engine(server: Server) -> None:
     left, timed_out = rejections(server, "client_closed_request"), rejections(server, "request_timeout")
     generated = server.metric("vllm:generation_tokens_total")
@@ -134,6 +137,7 @@ def test_client_that_cuts_a_stream_frees_the_engine(server: Server) -> None:
     assert server.metric("vllm:generation_tokens_total") - generated < LONG["max_tokens"], "engine kept generating"
 
 
+@pytest.mark.usefixtures("slot_free")
 def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> None:
     done = threading.Event()
 

@@ -47,6 +47,7 @@ def stream_through(server: Server, max_tokens: int, done: threading.Event, resul
     done.set()
 
 
+@pytest.mark.usefixtures("slot_free")
 def test_keys_added_and_removed_in_the_file_apply_to_both_servers_with_a_stream_running(
     servers_pair: tuple[Server, Server], record_property: Any
 ) -> None:
@@ -95,6 +96,7 @@ def test_an_expired_key_is_refused(servers_pair: tuple[Server, Server]) -> None:
         assert "expired" in refused.value.message
 
 
+@pytest.mark.usefixtures("slot_free")
 def test_sighup_reloads_without_restarting_the_worker_or_cutting_a_stream(server: Server) -> None:
     workers = {p.pid for p in process_tree(server)}
     done, result = threading.Event(), {}

@@ -96,7 +96,12 @@ class Server:
     def idle(self) -> bool:
         """Nothing running or waiting, in the gateway or the engine (one scrape: one instant)."""
         scrape = self.scrape()
-        series = ("vllm:num_requests_running", "vllm:num_requests_waiting", "hermes_running_requests")
+        series = (
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            "hermes_running_requests",
+            "hermes_waiting_requests",
+        )
         return all(scrape.value(name) == 0 for name in series)
 
     def log_tail(self, lines: int = 80) -> str:
