@@ -3,7 +3,6 @@ and a stream cut short is charged too (the key "meter" is used by these tests al
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +26,9 @@ def cut(server: Server) -> float:
     return server.metric("hermes_rejections_total", key="meter", reason="client_closed_request")
 
 
-def wait_for_charge(server: Server, before: float, expected: Callable[[float], bool], timeout: float = 30) -> float:
+def wait_for_charge(server: Server, before: float, expected: Callable[[float], bool]) -> float:
     """The charge lands when the gateway settles, just after the client has its answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if expected(delta := charged(server) - before):
-            return delta
-        time.sleep(0.1)
+    wait_until(lambda: expected(charged(server) - before))
     return charged(server) - before
 
 

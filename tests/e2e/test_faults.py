@@ -22,6 +22,7 @@ from tests.support.redis import RedisServer
 from tests.support.servers import Server, process_tree, wait_until
 
 HI = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+SIXTEEN = {**HI, "max_tokens": 16, "ignore_eos": True}  # a short generation of a known length
 
 
 def post(server: Server, key: str, body: dict[str, Any] = HI, timeout: float = 60) -> httpx.Response:
@@ -97,7 +98,7 @@ def normal_request_s(server: Server, probes: int = 3) -> float:
     times = []
     for _ in range(probes):
         started = time.monotonic()
-        assert post(server, "tester", {**HI, "max_tokens": 16, "ignore_eos": True}).status_code == 200
+        assert post(server, "tester", SIXTEEN).status_code == 200
         times.append(time.monotonic() - started)
     return min(times)
 
@@ -106,7 +107,7 @@ def test_five_hundred_clients_at_once(fault_pair: tuple[Server, Server], record_
     server = fault_pair[0]
     normal = normal_request_s(server)
     keys = [f"crowd-{i}" for i in range(1, 6)]
-    tally = asyncio.run(crowd(server, keys, 500, {**HI, "max_tokens": 16, "ignore_eos": True}))
+    tally = asyncio.run(crowd(server, keys, 500, SIXTEEN))
     by_status, ok_by_key = tally.by_status(), tally.ok_by_key()
     record_property("five_hundred_clients", {"by_status": by_status, "200s_by_key": ok_by_key})
     print(f"500 clients: {by_status}, 200s by key {ok_by_key}")

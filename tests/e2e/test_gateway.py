@@ -25,8 +25,9 @@ LONG = {
 OPENAI_ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
-# A request's fate under a full gateway, and the reason it is counted under.
-REFUSED_BY_FATE = {"refused": "server_overloaded", "queued": "queue_timeout", "running": "request_timeout"}
+# The fates of three requests under a full gateway, by their error codes (also the reasons
+# they are counted under): refused at once, waited too long, ran too long.
+FATES = ("server_overloaded", "queue_timeout", "request_timeout")
 
 
 def rejections(server: Server, reason: str) -> float:
@@ -87,7 +88,7 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
     Which request gets which fate is the order they reach the gateway in, so the test checks
     the three fates, not who got them: nothing has to be seen in the short life of a queue
     place (a slow /metrics scrape on a busy machine once missed it)."""
-    rejected_before = {reason: rejections(server, reason) for reason in REFUSED_BY_FATE.values()}
+    rejected_before = [rejections(server, code) for code in FATES]
 
     def post(_: int) -> httpx.Response:
         with server.http() as http:
@@ -96,14 +97,14 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
     with ThreadPoolExecutor(3) as pool:
         replies = list(pool.map(post, range(3)))
     by_code = {_error(reply)["code"]: reply for reply in replies if reply.status_code != 200}
-    assert sorted(by_code) == sorted(REFUSED_BY_FATE.values()), [reply.text for reply in replies]
+    assert sorted(by_code) == sorted(FATES), [reply.text for reply in replies]
 
-    refused, queued, running = (by_code[REFUSED_BY_FATE[fate]] for fate in ("refused", "queued", "running"))
+    refused, queued, running = (by_code[code] for code in FATES)
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) >= 1
     assert queued.status_code == 504 and running.status_code == 504
     # Each fate counted once, under its own reason, as the access log and metrics say.
-    assert wait_until(lambda: all(rejections(server, r) == rejected_before[r] + 1 for r in REFUSED_BY_FATE.values()))
+    assert wait_until(lambda: [rejections(server, code) for code in FATES] == [n + 1 for n in rejected_before])
     assert wait_until(server.idle), "engine request was not aborted"
 
 

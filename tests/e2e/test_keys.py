@@ -119,7 +119,11 @@ def test_sighup_reloads_without_restarting_the_worker_or_cutting_a_stream(server
 
 def test_two_servers_share_a_day_budget_and_usage_shows_what_was_charged(servers_pair: tuple[Server, Server]) -> None:
     first, second = servers_pair
-    charged_before = sum(server.metric("hermes_tokens_total", key="daily") for server in servers_pair)
+
+    def charged() -> float:
+        return sum(server.metric("hermes_tokens_total", key="daily") for server in servers_pair)
+
+    charged_before = charged()
     reply = first.client("daily").chat.completions.create(model=SERVED_NAME, messages=HELLO, max_tokens=5)
     used = reply.usage.total_tokens  # type: ignore[union-attr]
     # Within the whole budget (200), but more than the other server's usage left free.
@@ -137,6 +141,4 @@ def test_two_servers_share_a_day_budget_and_usage_shows_what_was_charged(servers
         assert (day["used"], day["remaining"], day["reserved"]) == (used, 200 - used, 0)
         assert day["resets_at"].endswith("T00:00:00Z")
     # Metrics are counted as a request's record closes, just after its answer has gone out.
-    assert wait_until(
-        lambda: sum(s.metric("hermes_tokens_total", key="daily") for s in servers_pair) - charged_before == used
-    )
+    assert wait_until(lambda: charged() - charged_before == used)
