@@ -1,10 +1,14 @@
-"""Our vLLM plugin: found through its metadata, and it makes CPU compile artifacts loadable."""
+"""Our vLLM plugin: found through its metadata; it makes CPU compile artifacts loadable, and
+vLLM's workers end with their engine."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import psutil
 import pytest
 from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable as Bundled
 
@@ -20,7 +24,7 @@ def test_vllm_finds_the_plugin_where_the_engine_puts_it() -> None:
         "print(sorted(load_plugins_by_group('vllm.general_plugins')))"
     )
     found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert "hermes_aot_compile_cache" in found.stdout
+    assert "hermes_aot_compile_cache" in found.stdout and "hermes_die_with_the_engine" in found.stdout
 
 
 def test_a_stock_inductor_artifact_can_be_finalised_after_loading() -> None:
@@ -40,3 +44,54 @@ def test_a_stock_inductor_artifact_can_be_finalised_after_loading() -> None:
         assert loaded.finalize_loading(None) is None and loaded() == "ran"
     finally:
         delattr(Bundled, "finalize_loading")
+
+
+ENGINE = """
+import multiprocessing, os, sys, time
+from hermes_serve.vllm_patches import die_with_the_engine
+
+def worker():
+    die_with_the_engine()  # what vLLM's plugin loader calls in each of its processes
+    time.sleep(120)
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=worker, name=sys.argv[1], daemon=True)
+    child.start()
+    time.sleep(float(sys.argv[2]))  # the plugin has run in the child
+    assert child.is_alive()
+    open(sys.argv[3], "w").write(str(child.pid))  # not stdout: the child holds that open
+    os._exit(0)  # as a SIGKILLed engine: no clean-up, no join
+"""
+
+
+def _orphan_after_its_engine_dies(tmp_path: Path, name: str) -> psutil.Process | None:
+    """The child's pid if it outlives its engine by 5 s (spawn needs the script in a file)."""
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE)
+    subprocess.run(
+        [sys.executable, str(script), name, "3", str(tmp_path / "pid")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=60,
+    )
+    child = psutil.Process(int((tmp_path / "pid").read_text()))  # alive when written: the premise
+    try:
+        child.wait(timeout=5)
+    except psutil.TimeoutExpired:
+        return child
+    return None
+
+
+def test_a_worker_dies_with_the_engine_that_started_it(tmp_path: Path) -> None:
+    assert _orphan_after_its_engine_dies(tmp_path, "VllmWorker-0") is None
+
+
+def test_other_processes_are_left_to_their_own_ends(tmp_path: Path) -> None:
+    """The control: without the plugin's signal a child outlives its parent (so the test
+    above can fail), and only vLLM's workers get the signal."""
+    orphan = _orphan_after_its_engine_dies(tmp_path, "SomethingElse-0")
+    assert orphan is not None
+    orphan.kill()
