@@ -13,9 +13,27 @@ import pytest
 
 from tests.support.redis import RedisServer
 from tests.support.servers import REPO
+from tests.support.stalls import STALL_S, WATCH
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "packaging", "e2e")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    WATCH.start()
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    WATCH.test = nodeid
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Where the test process stood still (a paused machine, say): a failure near one may be
+    the machine's, not the service's."""
+    stalls = WATCH.stalls
+    terminalreporter.write_sep("-", f"stalls of the test process (>= {STALL_S:g}s): {len(stalls)}")
+    for stall in stalls:
+        terminalreporter.write_line(f"{stall.seconds:6.1f}s during {stall.test or 'collection'}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -14,6 +14,7 @@ import pytest
 from tests.e2e.conftest import QUEUE_TIMEOUT_S, REQUEST_TIMEOUT_S, SERVED_NAME
 from tests.support.load import series_count
 from tests.support.servers import Server, wait_until
+from tests.support.stalls import WATCH
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 LONG = {
@@ -28,6 +29,7 @@ OPENAI_ERROR_FIELDS = {"message", "type", "param", "code"}
 # The fates of three requests under a full gateway, by their error codes (also the reasons
 # they are counted under): refused at once, waited too long, ran too long.
 FATES = ("server_overloaded", "queue_timeout", "request_timeout")
+ATTEMPTS = 3  # at the three at once, should the machine stall between them
 
 
 def rejections(server: Server, reason: str) -> float:
@@ -86,20 +88,21 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
     too long in the queue, and one is refused at once.
 
     Which request gets which fate is the order they reach the gateway in, so the test checks
-    the three fates, not who got them: nothing has to be seen in the short life of a queue
-    place (a slow /metrics scrape on a busy machine once missed it)."""
-    rejected_before = [rejections(server, code) for code in FATES]
+    the three fates, not who got them. They must reach it within its queue time limit of each
+    other: an attempt during which this process stood still that long (a paused machine) says
+    nothing of the gateway, and is made again. Wrong fates with no such stall fail at once."""
+    for attempt in range(1, ATTEMPTS + 1):
+        rejected_before = [rejections(server, code) for code in FATES]
+        sent = time.monotonic()
+        replies, fates = _three_long_requests_at_once(server)
+        stalled = WATCH.stalled(sent)
+        if sorted(fates) == sorted(FATES) or stalled < QUEUE_TIMEOUT_S / 2 or attempt == ATTEMPTS:
+            break
+        print(f"attempt {attempt} spoiled: this process stood still {stalled:.1f}s; fates {fates}")
+        assert wait_until(server.idle, 60)
+    assert sorted(fates) == sorted(FATES), {"fates": fates, "stalled_s": round(stalled, 1), "attempts": attempt}
 
-    def post(_: int) -> httpx.Response:
-        with server.http() as http:
-            return http.post("/v1/chat/completions", json=LONG)
-
-    with ThreadPoolExecutor(3) as pool:
-        replies = list(pool.map(post, range(3)))
-    by_code = {_error(reply)["code"]: reply for reply in replies if reply.status_code != 200}
-    assert sorted(by_code) == sorted(FATES), [reply.text for reply in replies]
-
-    refused, queued, running = (by_code[code] for code in FATES)
+    refused, queued, running = (replies[fates.index(code)] for code in FATES)
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) >= 1
     assert queued.status_code == 504 and running.status_code == 504
@@ -108,13 +111,27 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
     assert wait_until(server.idle), "engine request was not aborted"
 
 
+def _three_long_requests_at_once(server: Server) -> tuple[list[httpx.Response], list[str]]:
+    """The replies, and their fates: each one's error code, or "ok"."""
+
+    def post(_: int) -> httpx.Response:
+        with server.http() as http:
+            return http.post("/v1/chat/completions", json=LONG)
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(post, range(3)))
+    return replies, [str(_error(reply)["code"]) if reply.status_code != 200 else "ok" for reply in replies]
+
+
 @pytest.mark.usefixtures("slot_free")
 def test_stream_past_request_timeout_ends_with_an_error_frame(server: Server) -> None:
     started = time.monotonic()
     with server.http() as http, http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
         assert response.status_code == 200
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
-    assert REQUEST_TIMEOUT_S - 1 <= time.monotonic() - started < REQUEST_TIMEOUT_S + 15
+    # Ended at its time limit, not later (less any time this process stood still).
+    assert time.monotonic() - started >= REQUEST_TIMEOUT_S - 1
+    assert WATCH.running_since(started) < REQUEST_TIMEOUT_S + 15
     assert '"request_timeout"' in events[-2] and events[-1] == "data: [DONE]"
     assert wait_until(server.idle)
 
