@@ -89,8 +89,9 @@ def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: 
 
     Which request gets which fate is the order they reach the gateway in, so the test checks
     the three fates, not who got them. They must reach it within its queue time limit of each
-    other: an attempt during which this process stood still that long (a paused machine) says
-    nothing of the gateway, and is made again. Wrong fates with no such stall fail at once."""
+    other: an attempt during which this process stood still for half that limit or more (a
+    paused machine) says nothing of the gateway, and is made again. Wrong fates with no such
+    stall fail at once."""
     for attempt in range(1, ATTEMPTS + 1):
         rejected_before = [rejections(server, code) for code in FATES]
         sent = time.monotonic()

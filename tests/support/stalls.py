@@ -32,7 +32,6 @@ class StallWatch:
         self._period_s = period_s
         self._stall_s = stall_s
         self._last = time.monotonic()
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
         self.stalls: list[Stall] = []
         self.test = ""
@@ -41,10 +40,6 @@ class StallWatch:
     def start(self) -> None:
         self._last = time.monotonic()
         self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def stalled(self, since: float, until: float | None = None) -> float:
         """Seconds this process stood still between two ``time.monotonic()`` instants."""
@@ -65,7 +60,8 @@ class StallWatch:
         return Stall(self._last + self._period_s, late, self.test) if late >= self._stall_s else None
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._period_s):
+        while True:  # a daemon thread: it ends with the session's process
+            time.sleep(self._period_s)
             now = time.monotonic()
             stall = self._pending(now)
             if stall is not None:
