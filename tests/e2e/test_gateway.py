@@ -5,7 +5,9 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -29,7 +31,8 @@ OPENAI_ERROR_FIELDS = {"message", "type", "param", "code"}
 # The fates of three requests under a full gateway, by their error codes (also the reasons
 # they are counted under): refused at once, waited too long, ran too long.
 FATES = ("server_overloaded", "queue_timeout", "request_timeout")
-ATTEMPTS = 3  # at the three at once, should the machine stall between them
+ATTEMPTS = 3  # should an attempt be spoiled (see the test)
+SEND_MARGIN_S = 3  # the third request's time to reach the gateway over an open connection
 
 
 def rejections(server: Server, reason: str) -> float:
@@ -84,44 +87,123 @@ def test_two_processes_over_one_redis_share_a_key_budget(servers_pair: tuple[Ser
 
 @pytest.mark.usefixtures("slot_free")
 def test_queue_full_is_503_queue_wait_is_504_and_request_timeout_is_504(server: Server) -> None:
-    """Concurrency 1, queue 1, three long requests at once: one runs and times out, one waits
-    too long in the queue, and one is refused at once.
+    """Concurrency 1, queue 1: the running request times out, the queued one waits too long,
+    and a third is refused at once.
 
-    Which request gets which fate is the order they reach the gateway in, so the test checks
-    the three fates, not who got them. They must reach it within its queue time limit of each
-    other: an attempt during which this process stood still for half that limit or more (a
-    paused machine) says nothing of the gateway, and is made again. Wrong fates with no such
-    stall fail at once."""
+    Each request is sent once the gateway reports the state it is meant to meet (one running,
+    then one queued too), on a connection opened just before. The third must reach the gateway
+    within the queued one's 10 s: an attempt where opening its connection, seeing the queue or
+    this process itself took too long for that says nothing of the gateway, and is made again.
+    Wrong fates in an attempt not so spoiled fail at once."""
     for attempt in range(1, ATTEMPTS + 1):
         rejected_before = [rejections(server, code) for code in FATES]
-        sent = time.monotonic()
-        replies, fates = _three_long_requests_at_once(server)
-        stalled = WATCH.stalled(sent)
-        if sorted(fates) == sorted(FATES) or stalled < QUEUE_TIMEOUT_S / 2 or attempt == ATTEMPTS:
+        began = time.monotonic()
+        calls = _fill_the_gateway(server)
+        fates = [call.fate for call in calls]
+        spoiled = _spoiled(calls, WATCH.stalled(began))
+        if fates == list(FATES) or spoiled is None or attempt == ATTEMPTS:
             break
-        print(f"attempt {attempt} spoiled: this process stood still {stalled:.1f}s; fates {fates}")
+        print(f"attempt {attempt} spoiled: {spoiled}\n{_timeline(server, calls)}")
         assert wait_until(server.idle, 60)
-    assert sorted(fates) == sorted(FATES), {"fates": fates, "stalled_s": round(stalled, 1), "attempts": attempt}
+    assert fates == list(FATES), f"{spoiled or fates}\n{_timeline(server, calls)}"
 
-    refused, queued, running = (replies[fates.index(code)] for code in FATES)
-    assert refused.status_code == 503
-    assert int(refused.headers["retry-after"]) >= 1
-    assert queued.status_code == 504 and running.status_code == 504
+    refused = calls[0].reply
+    assert refused is not None and int(refused.headers["retry-after"]) >= 1
+    assert [call.status for call in calls] == [503, 504, 504]
     # Each fate counted once, under its own reason, as the access log and metrics say.
     assert wait_until(lambda: [rejections(server, code) for code in FATES] == [n + 1 for n in rejected_before])
     assert wait_until(server.idle), "engine request was not aborted"
 
 
-def _three_long_requests_at_once(server: Server) -> tuple[list[httpx.Response], list[str]]:
-    """The replies, and their fates: each one's error code, or "ok"."""
+@dataclass
+class LongCall:
+    """One long request on a connection of its own, opened (and timed) before it is sent."""
 
-    def post(_: int) -> httpx.Response:
-        with server.http() as http:
-            return http.post("/v1/chat/completions", json=LONG)
+    server: Server
+    opened: float = 0.0
+    sent: float | None = None
+    answered: float | None = None
+    reply: httpx.Response | None = None
 
-    with ThreadPoolExecutor(3) as pool:
-        replies = list(pool.map(post, range(3)))
-    return replies, [str(_error(reply)["code"]) if reply.status_code != 200 else "ok" for reply in replies]
+    def __call__(self, may_send: Callable[[], bool] = lambda: True) -> None:
+        with self.server.http() as http:
+            opening = time.monotonic()
+            http.get("/health")  # the POST below goes out on this connection, already open
+            self.opened = time.monotonic() - opening
+            if not may_send():
+                return
+            self.sent = time.monotonic()
+            self.reply = http.post("/v1/chat/completions", json=LONG)
+            self.answered = time.monotonic()
+
+    @property
+    def status(self) -> int | None:
+        return None if self.reply is None else self.reply.status_code
+
+    @property
+    def fate(self) -> str | None:
+        """The error code it ended with, "ok", or None if it was never sent."""
+        if self.reply is None:
+            return None
+        return "ok" if self.reply.status_code == 200 else str(_error(self.reply)["code"])
+
+
+def _gateway_holds(server: Server) -> tuple[float, float]:
+    """(running, waiting) as the gateway reports them, from one scrape."""
+    scrape = server.scrape()
+    return scrape.value("hermes_running_requests"), scrape.value("hermes_waiting_requests")
+
+
+def _fill_the_gateway(server: Server) -> tuple[LongCall, LongCall, LongCall]:
+    """Send one request to run, then one to queue, then one to be refused, each once the
+    gateway shows the one before in its place. Returns the three (refused, queued, running);
+    the third is not sent if it could no longer meet the second in the queue."""
+    refused, queued, running = LongCall(server), LongCall(server), LongCall(server)
+
+    def in_time() -> bool:
+        # Both still in their places, and for SEND_MARGIN_S more: neither can have been sent
+        # before its ``sent``, so neither has reached its time limit before then.
+        if running.sent is None or queued.sent is None or _gateway_holds(server) != (1, 1):
+            return False
+        until = time.monotonic() + SEND_MARGIN_S
+        return until - queued.sent < QUEUE_TIMEOUT_S and until - running.sent < REQUEST_TIMEOUT_S
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(running)
+        wait_until(lambda: _gateway_holds(server) == (1, 0), REQUEST_TIMEOUT_S)
+        second = pool.submit(queued)
+        wait_until(lambda: _gateway_holds(server) == (1, 1), QUEUE_TIMEOUT_S)
+        refused(may_send=in_time)
+    first.result(), second.result()  # a call that raised says so here
+    return refused, queued, running
+
+
+def _spoiled(calls: tuple[LongCall, ...], stalled_s: float) -> str | None:
+    """Why an attempt says nothing of the gateway, or None."""
+    if calls[0].sent is None:
+        return "the third request could not be sent while the second was surely queued"
+    if stalled_s >= SEND_MARGIN_S:
+        return f"this process stood still {stalled_s:.1f}s"
+    return None
+
+
+def _timeline(server: Server, calls: tuple[LongCall, ...]) -> str:
+    """What each call did, in seconds from the first one sent, with the server's access-log
+    line for it (its duration there tells when it reached the gateway)."""
+    origin = min((call.sent for call in calls if call.sent is not None), default=0.0)
+    ids = [call.reply.headers.get("x-request-id", "") if call.reply is not None else "" for call in calls]
+
+    def access_log() -> list[str]:
+        log = server.log.read_text(errors="replace").splitlines()
+        return [next((text for text in log if found and f"id={found}" in text), "") for found in ids]
+
+    wait_until(lambda: all(logged or not found for logged, found in zip(access_log(), ids, strict=True)), 5)
+    lines = []
+    for call, logged in zip(calls, access_log(), strict=True):
+        sent = "not sent" if call.sent is None else f"sent {call.sent - origin:.2f}s"
+        answered = "" if call.answered is None else f", answered {call.answered - origin:.2f}s"
+        lines.append(f"{call.fate}: connection opened in {call.opened:.2f}s, {sent}{answered}; server: {logged}")
+    return "\n".join(lines)
 
 
 @pytest.mark.usefixtures("slot_free")
