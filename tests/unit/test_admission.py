@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 
 import pytest
 
@@ -153,3 +155,38 @@ async def test_retry_after_follows_observed_hold_times() -> None:
         async with queue.slot("a"):
             now[0] += 10.0
     assert queue.retry_after_s() == 10
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_a_storm_of_arrivals_time_outs_and_cancellations_keeps_the_bounds(seed: int) -> None:
+    """Whatever the interleaving (a time-out as a slot is granted, a cancellation at any
+    instant), no more than ``max_concurrency`` hold a slot, and nothing is left counted after."""
+    rnd = random.Random(seed)
+    cap = rnd.choice([1, 2])
+    queue = AdmissionQueue(max_concurrency=cap, max_queue=rnd.choice([1, 2, 5]))
+    holding = peak = 0
+
+    async def one(i: int) -> None:
+        nonlocal holding, peak
+        timeout_s = rnd.choice([0.001, 0.005, 0.01, 0.02])
+        with contextlib.suppress(OpenAIError):
+            async with queue.slot(f"k{i % 3}", priority=rnd.choice([0, 0, 5]), timeout_s=timeout_s):
+                holding += 1
+                peak = max(peak, holding)
+                try:
+                    await asyncio.sleep(rnd.choice([0, 0.001, 0.005, 0.01]))
+                finally:
+                    holding -= 1
+
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(200):
+        tasks.append(asyncio.create_task(one(i)))
+        if rnd.random() < 0.3:
+            await asyncio.sleep(rnd.choice([0, 0.001, 0.003]))
+        if rnd.random() < 0.2:
+            loop.call_later(rnd.choice([0, 0.001, 0.005, 0.01]), rnd.choice(tasks).cancel)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert 1 <= peak <= cap
+    stats = queue.stats()
+    assert (stats.running, stats.waiting, holding) == (0, 0, 0)
