@@ -256,8 +256,10 @@ def test_client_that_gives_up_while_queued_frees_its_place(server: Server) -> No
     try:
         assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
         left, timed_out = rejections(server, "client_closed_request"), rejections(server, "queue_timeout")
-        with pytest.raises(httpx.ReadTimeout), server.http() as http:
-            http.post("/v1/chat/completions", json=LONG, timeout=1.0)
+        with server.http() as http:
+            http.get("/health")  # its connection opened first: the 1 s below is its wait only
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/chat/completions", json=LONG, timeout=1.0)
         # Its place is freed when it leaves, not when its queue_timeout_s ends: it is counted as
         # a client that left, never as a queue timeout. (Counters, not the queue's gauge: a
         # slow scrape cannot miss them.)
