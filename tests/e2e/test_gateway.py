@@ -174,7 +174,8 @@ def _fill_the_gateway(server: Server) -> tuple[LongCall, LongCall, LongCall]:
         second = pool.submit(queued)
         wait_until(lambda: _gateway_holds(server) == (1, 1), QUEUE_TIMEOUT_S)
         refused(may_send=in_time)
-    first.result(), second.result()  # a call that raised says so here
+    for call in (first, second):
+        call.result()  # a call that raised says so here
     return refused, queued, running
 
 
