@@ -168,14 +168,15 @@ def _fill_the_gateway(server: Server) -> tuple[LongCall, LongCall, LongCall]:
         until = time.monotonic() + SEND_MARGIN_S
         return until - queued.sent < QUEUE_TIMEOUT_S and until - running.sent < REQUEST_TIMEOUT_S
 
+    # A state not seen in time is not a verdict: in_time() then keeps the third from going out.
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(running)
         wait_until(lambda: _gateway_holds(server) == (1, 0), REQUEST_TIMEOUT_S)
         second = pool.submit(queued)
         wait_until(lambda: _gateway_holds(server) == (1, 1), QUEUE_TIMEOUT_S)
         refused(may_send=in_time)
-    for call in (first, second):
-        call.result()  # a call that raised says so here
+    for future in (first, second):
+        future.result()  # a call that raised says so here
     return refused, queued, running
 
 
