@@ -26,6 +26,7 @@ from hermes_serve.ledger import ledger_for
 from hermes_serve.limits import Limits
 from hermes_serve.metrics import GatewayMetrics, sample_event_loop
 from hermes_serve.models import adapter_paths, resolve_model_path
+from hermes_serve.patches import warn_outside_ranges
 from hermes_serve.reload import ConfigWatcher, watch
 from hermes_serve.supervisor import forward_sighup
 
@@ -75,6 +76,7 @@ class HermesService:
     @bentoml.on_startup
     async def start(self) -> None:
         logger.setLevel(logging.INFO)  # our access log: one line per request, key name only
+        warn_outside_ranges()  # names each patch of others' internals not written for what is installed
         settings = load_settings(os.environ)
         keyring = KeyRing.from_settings(settings.auth, os.environ)
         if keyring.generated_key:

@@ -1,9 +1,12 @@
 """A bounded, fair admission queue in front of the engine.
 
-At most ``max_concurrency`` requests hold a slot; up to ``max_queue`` wait. Waiters are served
-by priority, then round-robin across keys (FIFO within a key), skipping keys at their own cap:
-one key flooding the queue cannot starve another. The choice is a pure class (``FairQueue``);
-``AdmissionQueue`` wires it to asyncio futures.
+At most ``max_concurrency`` slots are held; up to ``max_queue`` requests wait. A request holds
+one slot per sequence it asks the engine for (its ``weight``: ``n``), against the engine's cap
+and its key's: ``n: 16`` weighs 16, not 1. One heavier than a cap holds the whole cap, so it
+runs alone rather than never. Waiters are served by priority, then round-robin across keys
+(FIFO within a key), skipping those that do not fit: one key flooding the queue cannot starve
+another. The choice is a pure class (``FairQueue``); ``AdmissionQueue`` wires it to asyncio
+futures.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Waiter:
     key: str
     priority: int
     key_cap: int | None
+    weight: int = 1
+    """The slots it asks for: its sequences."""
     granted: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -96,6 +101,7 @@ class FairQueue:
 @dataclass(frozen=True)
 class AdmissionStats:
     running: int
+    """Slots held (sequences), not requests."""
     waiting: int
     waiting_by_key: dict[str, int]
 
@@ -112,16 +118,21 @@ class AdmissionQueue:
 
     @contextlib.asynccontextmanager
     async def slot(
-        self, key: str, priority: int = 0, key_max_concurrency: int | None = None, timeout_s: float = 120
+        self,
+        key: str,
+        priority: int = 0,
+        key_max_concurrency: int | None = None,
+        timeout_s: float = 120,
+        weight: int = 1,
     ) -> AsyncIterator[None]:
-        waiter = Waiter(key, priority, key_max_concurrency)
+        waiter = Waiter(key, priority, key_max_concurrency, weight)
         await self._acquire(waiter, timeout_s)
         held_since = self._clock()
         try:
             yield
         finally:
             self._mean_hold_s = 0.8 * self._mean_hold_s + 0.2 * (self._clock() - held_since)
-            self._release(key)
+            self._release(waiter)
 
     def stats(self) -> AdmissionStats:
         return AdmissionStats(self._running, len(self._queue), self._queue.waiting_by_key())
@@ -139,9 +150,16 @@ class AdmissionQueue:
         drain = self._mean_hold_s * (len(self._queue) + 1) / self._max_concurrency
         return max(1, min(RETRY_AFTER_MAX_S, math.ceil(drain)))
 
+    def _holds(self, waiter: Waiter) -> tuple[int, int]:
+        """The slots ``waiter`` holds of the engine and of its key: its weight, each clamped to
+        the cap it counts against (heavier, it could never fit)."""
+        engine = min(waiter.weight, self._max_concurrency)
+        return engine, waiter.weight if waiter.key_cap is None else min(waiter.weight, waiter.key_cap)
+
     def _may_run(self, waiter: Waiter) -> bool:
-        under_key_cap = waiter.key_cap is None or self._running_by_key[waiter.key] < waiter.key_cap
-        return self._running < self._max_concurrency and under_key_cap
+        engine, key = self._holds(waiter)
+        fits_key = waiter.key_cap is None or self._running_by_key[waiter.key] + key <= waiter.key_cap
+        return self._running + engine <= self._max_concurrency and fits_key
 
     async def _acquire(self, waiter: Waiter, timeout_s: float) -> None:
         # Waiters are granted the moment a slot frees, so none that could run is still queued.
@@ -158,7 +176,7 @@ class AdmissionQueue:
         except (TimeoutError, asyncio.CancelledError) as exc:
             granted = waiter.granted.done() and not waiter.granted.cancelled() and waiter.granted.exception() is None
             if granted:
-                self._release(waiter.key)  # granted at the last moment: hand it on
+                self._release(waiter)  # granted at the last moment: hand it on
             else:
                 self._queue.remove(waiter)
                 waiter.granted.cancel()
@@ -167,15 +185,17 @@ class AdmissionQueue:
             raise
 
     def _grant(self, waiter: Waiter) -> None:
-        self._running += 1
-        self._running_by_key[waiter.key] += 1
+        engine, key = self._holds(waiter)
+        self._running += engine
+        self._running_by_key[waiter.key] += key
         if waiter.granted is not None:
             waiter.granted.set_result(None)
 
-    def _release(self, key: str) -> None:
-        self._running -= 1
-        self._running_by_key[key] -= 1
-        if not self._running_by_key[key]:
-            del self._running_by_key[key]
-        while (waiter := self._queue.pop_next(self._may_run)) is not None:
-            self._grant(waiter)
+    def _release(self, waiter: Waiter) -> None:
+        engine, key = self._holds(waiter)
+        self._running -= engine
+        self._running_by_key[waiter.key] -= key
+        if not self._running_by_key[waiter.key]:
+            del self._running_by_key[waiter.key]
+        while (next_up := self._queue.pop_next(self._may_run)) is not None:
+            self._grant(next_up)

@@ -1,9 +1,9 @@
 """The generation APIs the gateway meters, as data: one adapter per API.
 
 An adapter says what a request must hold beyond what vLLM checks, how many tokens it may
-use (reserved before it runs), and where the engine reports what it really used: in a JSON
-answer, and in a stream, read by a ``Meter`` one event at a time. The gateway knows none of
-the APIs' field names. Adding an API is one adapter and one line in ``routes.ROUTES``.
+use (reserved before it runs), how many sequences it asks for (its weight in admission), and
+where the engine reports what it really used: in a JSON answer, and in a stream, read by a
+``Meter`` one event at a time. The gateway knows none of the APIs' field names. Adding an API is one adapter and one line in ``routes.ROUTES``.
 """
 
 from __future__ import annotations
@@ -139,11 +139,29 @@ class Api:
     output_fields: ClassVar[tuple[str, ...]]
     """Where the request caps its output, first found wins."""
     choices_field: ClassVar[str | None] = None
+    sequence_fields: ClassVar[tuple[str, ...]] = ()
+    """Where the request asks for several sequences at once (each one the engine's work)."""
 
     def validate(self, body: Any) -> None:
         """The checks vLLM does not make; raise a 400 before admission."""
         if not isinstance(body, dict):
-            raise errors.OpenAIError(400, "The request body must be a JSON object.", code="invalid_body")
+            raise errors.invalid_body()
+
+    def sequences(self, body: dict[str, Any], max_n: int) -> int:
+        """How many sequences the request asks the engine for (at least 1), each field at most
+        ``max_n``. Only a JSON integer passes: vLLM's lax parsing would take "256" or 256.0
+        as 256, past the cap."""
+        count = 1
+        for field in self.sequence_fields:
+            value = body.get(field)
+            if value is None:
+                continue
+            if type(value) is not int:
+                raise errors.invalid_type(field, "an integer", value)
+            if value > max_n:
+                raise errors.integer_above_max(field, max_n, value)
+            count = max(count, value)
+        return count
 
     def prompt_tokens(self, body: dict[str, Any], max_model_len: int) -> int:
         prompt = [body[field] for field in self.prompt_fields if field in body]
@@ -171,6 +189,9 @@ class ChatCompletions(Api):
     prompt_fields: ClassVar[tuple[str, ...]] = ("messages", "tools")
     output_fields = ("max_completion_tokens", "max_tokens")
     choices_field = "n"
+    # best_of: OpenAI's legacy completions field (that many generated, n returned); vLLM 0.32
+    # takes it only in batch chat, but a field the cap skips is one a later vLLM may honour.
+    sequence_fields = ("n", "best_of")
     roles = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
     def validate(self, body: Any) -> None:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import errors
 from .config import ApiKey, AuthSettings
 from .windows import Span, Unit, Window
 
@@ -137,22 +138,33 @@ class KeyRing:
         return {principal.name for digest, principal in self._entries if (principal.name, digest) not in still}
 
     def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal | None:
-        """The key's principal, from ``Authorization: Bearer KEY`` (OpenAI's SDK) or, failing
-        that, ``x-api-key: KEY`` (Anthropic's SDK)."""
+        """The key's principal, from ``Authorization: Bearer KEY`` (OpenAI's SDK) or
+        ``x-api-key: KEY`` (Anthropic's SDK); raises ``OpenAIError`` (401) for a request that
+        sends two different keys."""
         if not self.enabled:
             return ANONYMOUS
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            token = api_key or ""
-        if not token.strip():
+        token = presented_key(authorization, api_key)
+        if token is None:
             return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        digest = hashlib.sha256(token.encode()).digest()
         found = None
         for stored, principal in self._entries:
             # Every digest is compared, so timing says nothing about which one matched.
             if hmac.compare_digest(stored, digest):
                 found = principal
         return found
+
+
+def presented_key(authorization: str | None, api_key: str | None) -> str | None:
+    """The one key a request presents. Some SDK set-ups send the same key in both headers;
+    two different keys are refused, not guessed between: serving the first would let whatever
+    adds a header (a proxy, a default client setting) pick which key pays."""
+    scheme, _, bearer = (authorization or "").partition(" ")
+    bearer = bearer.strip() if scheme.lower() == "bearer" else ""
+    other = (api_key or "").strip()
+    if bearer and other and bearer != other:
+        raise errors.conflicting_keys()
+    return bearer or other or None
 
 
 def main(argv: list[str]) -> int:

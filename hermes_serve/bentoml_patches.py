@@ -52,6 +52,7 @@ class RouteLabelledTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
         await super().__call__(scope, receive, send)
 
 
+# Registered in patches.py as "bentoml-route-labels": the versions it was written for, and why.
 def label_traffic_metrics_by_route() -> None:
     """BentoML imports its middleware from this module when it builds the app: call before."""
     setattr(instruments, "RunnerTrafficMetricsMiddleware", RouteLabelledTrafficMetrics)  # noqa: B010 (BentoML's)

@@ -131,7 +131,7 @@ class ApiKey(_Section):
     expires_at: datetime | None = None
     """from this time on the key gets 401 (ISO 8601; UTC unless it names a zone)"""
     max_concurrency: int | None = Field(None, gt=0)
-    """this key's share of the engine: its requests running at once"""
+    """this key's share of the engine: its sequences running at once (a request asking for `n` counts `n`)"""
     priority: int = 0
     """higher is admitted first from the queue and scheduled first in the engine"""
     models: list[str] | None = None
@@ -172,7 +172,7 @@ class AuthSettings(_Section):
 
 class AdmissionSettings(_Section):
     max_concurrency: int = Field(64, gt=0)
-    """requests inside the engine at once"""
+    """sequences inside the engine at once: a request asking for `n` counts `n` (one asking for more runs alone)"""
     max_queue: int = Field(50, ge=0)
     """requests waiting beyond that; more → 503"""
     queue_timeout_s: float = Field(120, gt=0)
@@ -184,6 +184,8 @@ class AdmissionSettings(_Section):
 class ServerSettings(_Section):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     """larger request bodies → 413"""
+    max_n: int = Field(16, gt=0)
+    """most sequences one request may ask for (`n`, `best_of` on chat and completions); more → 400"""
     cors_origins: list[str] = []
     """browser origins allowed to call the API (`["https://app.example.com"]`); empty: none (CORS closed)"""
 

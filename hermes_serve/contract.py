@@ -13,7 +13,7 @@ import copy
 import re
 from typing import Any
 
-from . import routes
+from . import errors, routes
 from .errors import ANTHROPIC
 
 OPENAI_ERROR = {
@@ -74,16 +74,7 @@ HEALTH = {
     "properties": {"status": {"const": "ok"}, "model": {"type": "string"}},
 }
 
-WHEN = {
-    400: "malformed JSON or UTF-8, a field vLLM or the gateway refuses",
-    401: "missing, wrong, expired or revoked key",
-    404: "no such model (or not one the key may use), or nothing stored under that id",
-    413: "body over server.max_body_bytes",
-    429: "a per-minute limit (rate_limit_exceeded) or a day or month budget (insufficient_quota)",
-    499: "the client went away (logged and counted; nobody reads it)",
-    503: "engine not ready, queue full, or the limits storage unreachable",
-    504: "waited too long in the queue, or ran past request_timeout_s",
-}
+WHEN = {status: errors.when(status) for status in sorted({row.status for row in errors.CODES.values()})}
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 
 
@@ -119,7 +110,7 @@ def document(engine_openapi: dict[str, Any], title: str = "hermes-serve", versio
 
 
 def _operation(route: routes.Route, method: str, operation: dict[str, Any]) -> dict[str, Any]:
-    statuses = _statuses(route, method)
+    statuses = sorted({*_statuses(route, method), 400})  # 400 on any route: a bad X-Client-Request-Id
     error = {"$ref": "#/components/schemas/" + ("AnthropicError" if route.dialect is ANTHROPIC else "OpenAIError")}
     responses: dict[str, Any] = {}
     for status in statuses:

@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import fake_engine
 from .config import Settings
 from .vllm_patches import PLUGINS_PATH
 
+# vLLM internals used here are registered in patches.py: "vllm-engine-client", "vllm-server-app".
 logger = logging.getLogger(__name__)
 
 WATCHDOG_INTERVAL_S = 1.0
@@ -120,6 +122,8 @@ class Engine:
         self._stopping = False
         self._deaths: list[float] = []
         self._adapters: dict[str, str] = {}
+        self._fake: str | None = None
+        """The scripted engine's source (``fake://...``) when it stands in for vLLM."""
         self.app: Any = None
 
     @property
@@ -127,6 +131,17 @@ class Engine:
         return self._client is not None and not self._client.errored
 
     async def start(self, model_path: str, adapter_paths: dict[str, str] | None = None) -> Any:
+        self._adapters = dict(adapter_paths or {})
+        if fake_engine.is_fake(model_path):
+            self._fake = model_path
+        else:
+            self._parse_vllm_args(model_path, adapter_paths)
+        app = await self._build()
+        self._note_exit_signals()
+        self._watchdog = asyncio.create_task(self._watch())
+        return app
+
+    def _parse_vllm_args(self, model_path: str, adapter_paths: dict[str, str] | None) -> None:
         from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -136,13 +151,15 @@ class Engine:
         parser = make_arg_parser(FlexibleArgumentParser())
         self._args = parser.parse_args(engine_cli_args(self._settings, model_path, adapter_paths))
         validate_parsed_serve_args(self._args)
-        self._adapters = dict(adapter_paths or {})
-        app = await self._build()
-        self._note_exit_signals()
-        self._watchdog = asyncio.create_task(self._watch())
-        return app
 
     async def _build(self) -> Any:
+        if self._fake is not None:
+            client, self.app = await fake_engine.start(
+                self._fake, lambda: self.served_models, self._settings.model.max_model_len
+            )
+            self._stack.callback(client.shutdown)
+            self._client = client
+            return self.app
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
 
@@ -189,6 +206,9 @@ class Engine:
         them. vLLM allows it only when LoRA was on at start (some adapter configured then).
         ``reload_all``: the engine is new (restarted) and knows only its start-up list."""
         if adapter_paths == self._adapters and not reload_all:
+            return
+        if self._fake is not None:  # the scripted engine serves any name it is given
+            self._adapters = dict(adapter_paths)
             return
         if not self._adapters:
             logger.warning("adapters changed but LoRA was off at start: restart to serve them")

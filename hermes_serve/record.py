@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -9,18 +10,6 @@ from . import errors
 from .metrics import GatewayMetrics
 
 logger = logging.getLogger("hermes_serve.access")
-
-# Outcomes that are the gateway refusing or cutting a request, by their error codes.
-REFUSALS = frozenset(
-    {
-        "invalid_api_key",
-        "rate_limit_exceeded",
-        "server_overloaded",
-        "queue_timeout",
-        "request_timeout",
-        errors.CLIENT_CLOSED_REQUEST,
-    }
-)
 
 
 @dataclass
@@ -36,19 +25,24 @@ class Record:
     """"ok", or the code of the error the request ended with."""
     tokens: int | None = None
     """Tokens charged to the key (generation routes only)."""
+    client_request_id: str | None = None
+    """The client's own id for the request (``X-Client-Request-Id``), beside ours; never the engine's."""
 
 
 def observe(record: Record, metrics: GatewayMetrics, duration_s: float) -> None:
     metrics.requests.labels(record.key, record.route, str(record.status)).inc()
     metrics.duration.labels(record.route).observe(duration_s)
-    if record.outcome in REFUSALS:
+    if record.outcome in errors.REFUSALS:  # the gateway refusing or cutting it: errors.CODES says which
         metrics.rejections.labels(record.key, record.outcome).inc()
     if record.tokens is not None:
         metrics.tokens.labels(record.key).inc(record.tokens)
-    # Key name and numbers only: never the key, never prompt text.
+    # Key name and numbers only: never the key, never prompt text. The client's id is quoted:
+    # it may hold spaces, and must not read as more fields.
+    client_id = json.dumps(record.client_request_id) if record.client_request_id is not None else "-"
     logger.info(
-        "id=%s key=%s %s %s status=%s outcome=%s tokens=%s duration_ms=%.0f",
+        "id=%s client_request_id=%s key=%s %s %s status=%s outcome=%s tokens=%s duration_ms=%.0f",
         record.request_id,
+        client_id,
         record.key,
         record.method,
         record.route,

@@ -1,14 +1,15 @@
 """The client's side of one request: its headers, its body, and whether the client is still there.
 
-The gateway reads the body once (size-capped, parsed), may rewrite it, and hands the engine a
-``receive`` that replays it and then reports a disconnect when the client leaves or the
-gateway gives up: vLLM aborts a request exactly when its ``receive`` says so.
+The gateway reads the body once (size-capped, parsed, depth-capped), may rewrite it, and hands
+the engine a ``receive`` that replays it and then reports a disconnect when the client leaves
+or the gateway gives up: vLLM aborts a request exactly when its ``receive`` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,14 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import Message, Receive, Scope
 
 from . import errors
+
+MAX_JSON_DEPTH = 64
+"""Arrays and objects nested deeper are refused: well past any real request (a tool's JSON
+schema included), and far short of where re-encoding the body, estimating its tokens or
+vLLM's own parsing would recurse past Python's limit."""
+CLIENT_REQUEST_ID = "x-client-request-id"
+CLIENT_REQUEST_ID_MAX = 512
+_CLIENT_REQUEST_ID = re.compile(rf"[\x20-\x7e]{{1,{CLIENT_REQUEST_ID_MAX}}}")  # OpenAI's bound: printable ASCII
 
 
 class ClientDisconnected(Exception):
@@ -60,8 +69,22 @@ class Incoming:
             raise errors.bad_json("it is not valid UTF-8") from None
         except json.JSONDecodeError as exc:
             raise errors.bad_json(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:  # json's decoder stops at Python's recursion limit (about 1000)
+            raise errors.nesting_too_deep(MAX_JSON_DEPTH) from None
+        if nested_deeper_than(body, MAX_JSON_DEPTH):
+            raise errors.nesting_too_deep(MAX_JSON_DEPTH)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
         return body
+
+    def client_request_id(self) -> str | None:
+        """The client's own id for this request (OpenAI's ``X-Client-Request-Id``), if it sent
+        one: logged beside ours, never shown to the engine."""
+        values = self.headers.getlist(CLIENT_REQUEST_ID)
+        if not values:
+            return None
+        if len(values) > 1 or not _CLIENT_REQUEST_ID.fullmatch(values[0]):
+            raise errors.invalid_client_request_id(CLIENT_REQUEST_ID_MAX)
+        return values[0]
 
     def replace_body(self, body: Any) -> None:
         """The body the engine reads instead of the client's."""
@@ -109,3 +132,23 @@ class Incoming:
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+
+
+_CONTAINERS = (dict, list)  # all json.loads makes; exact types test faster than isinstance
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether parsed JSON nests arrays and objects more than ``limit`` deep (a top-level
+    object is 1). Level by level, not recursively: the point is to be safe from deep input;
+    each value is looked at once (a fraction of what parsing it cost)."""
+    level = [value] if type(value) in _CONTAINERS else []
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) in _CONTAINERS
+        ]
+        if not level:
+            return False
+    return bool(level)

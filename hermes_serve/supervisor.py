@@ -16,6 +16,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+# Registered in patches.py as "circus-sighup", "tornado-signal-callback" and "bentoml-watcher-names".
 def forward_sighup() -> None:
     """Patch circus's signal handler (in the supervisor process; harmless elsewhere)."""
     try:

@@ -19,6 +19,7 @@ from typing import Any
 PLUGINS_PATH = Path(__file__).with_name("vllm_plugins")
 
 
+# Registered in patches.py as "aot-compile-cache": the versions it was written for, and why.
 def load_aot_compile_cache() -> None:
     """Let warm starts load the compiled model instead of compiling it again (35-150 s on CPU).
 
@@ -44,8 +45,10 @@ def load_aot_compile_cache() -> None:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WORKER_NAME_PREFIX = "VllmWorker"  # vLLM names its workers VllmWorker-<rank>
 
 
+# Registered in patches.py as "die-with-the-engine": the versions it was written for, and why.
 def die_with_the_engine() -> None:
     """A vLLM worker process ends when the engine process that started it dies.
 
@@ -56,7 +59,7 @@ def die_with_the_engine() -> None:
     parent-death signal cannot be missed. Workers only: the engine core is started from a
     thread of the API process, and the signal follows the thread that started a process.
     """
-    if sys.platform != "linux" or not multiprocessing.current_process().name.startswith("VllmWorker"):
+    if sys.platform != "linux" or not multiprocessing.current_process().name.startswith(WORKER_NAME_PREFIX):
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     parent = multiprocessing.parent_process()

@@ -1,4 +1,15 @@
-"""Fixtures shared by every tier, and the tiers themselves: a test's folder is its tier."""
+"""Fixtures shared by every tier, and the tiers themselves: a test's folder is its tier.
+
+| tier | proves | with |
+|---|---|---|
+| ``unit`` | each module, on virtual time (looptime) | nothing |
+| ``packaging`` | bentos, compose and Kubernetes files | ``bentoml build``, docker-compose |
+| ``gateway`` (e2e) | the gateway's own behaviour | real ``bentoml serve`` processes over the scripted engine |
+| ``engine`` (e2e) | the protocol surface | ONE real vLLM server with the embedded weights |
+
+Tiers run in that order; the e2e tiers' servers start as soon as collection ends, so the real
+engine warms up while the fast tiers run (tests/support/fleet.py).
+"""
 
 from __future__ import annotations
 
@@ -11,36 +22,50 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import fleet
 from tests.support.redis import RedisServer
 from tests.support.servers import REPO
-from tests.support.stalls import STALL_S, WATCH
 
 TESTS = Path(__file__).resolve().parent
-TIERS = ("unit", "packaging", "e2e")
+TIERS = ("unit", "packaging", "gateway", "engine")
+E2E = frozenset({"gateway", "engine"})
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    WATCH.start()
-
-
-def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
-    WATCH.test = nodeid
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Where the test process stood still (a paused machine, say): a failure near one may be
-    the machine's, not the service's."""
-    stalls = WATCH.stalls
-    terminalreporter.write_sep("-", f"stalls of the test process (>= {STALL_S:g}s): {len(stalls)}")
-    for stall in stalls:
-        terminalreporter.write_line(f"{stall.seconds:6.1f}s during {stall.test or 'collection'}")
+def tier(item: pytest.Item) -> str:
+    return item.path.relative_to(TESTS).parts[0]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        tier = item.path.relative_to(TESTS).parts[0]
-        if tier in TIERS:
-            item.add_marker(tier)
+        if tier(item) in TIERS:
+            item.add_marker(tier(item))
+        if tier(item) in E2E:
+            item.add_marker("e2e")
+    # Stable sort: within a tier, files and tests keep their order; a test that restarts its
+    # tier's engine goes last in it.
+    items.sort(
+        key=lambda item: (
+            TIERS.index(tier(item)) if tier(item) in TIERS else len(TIERS),
+            item.get_closest_marker("disruptive") is not None,
+        )
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    wanted = {tier(item) for item in session.items} & E2E
+    if wanted:
+        fleet.launch(wanted)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if fleet.FLEET is not None:
+        left = fleet.FLEET.stop()
+        fleet.FLEET = None
+        if left:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            print(f"\nleft behind after SIGTERM (killed): {left}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing, hash_key
 from hermes_serve.config import Settings, parse_settings
 from hermes_serve.gateway import Gateway
-from hermes_serve.ledger import MemoryLedger
+from hermes_serve.ledger import Ledger, MemoryLedger
 from hermes_serve.limits import Limits
 from hermes_serve.metrics import GatewayMetrics
 from tests.support import asgi
@@ -32,6 +32,7 @@ def build(
     *,
     registry: CollectorRegistry | None = None,
     wall_clock: Callable[[], float] = time.time,
+    ledger: Ledger | None = None,
     **overrides: Any,
 ) -> tuple[Gateway, FakeEngine, Settings]:
     config: dict[str, Any] = {
@@ -48,7 +49,7 @@ def build(
     gateway = Gateway(
         settings,
         KeyRing.from_settings(settings.auth, {}),
-        Limits(MemoryLedger(), settings.admission.request_timeout_s),
+        Limits(ledger or MemoryLedger(), settings.admission.request_timeout_s),
         AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue),
         GatewayMetrics(registry or CollectorRegistry()),
         wall_clock=wall_clock,

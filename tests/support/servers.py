@@ -70,6 +70,10 @@ class Server:
     config: Path | None = None
     environment: dict[str, str] = field(default_factory=dict, repr=False)
     ready_path: str = "/readyz"
+    gates: Path | None = None
+    """The scripted engine's folder of ``[[gate=NAME]]`` files."""
+    model_dir: Path | None = None
+    """The real engine's weights."""
 
     def client(self, key: str = "tester", **options: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[key], max_retries=0, **options)
@@ -103,6 +107,11 @@ class Server:
             "hermes_waiting_requests",
         )
         return all(scrape.value(name) == 0 for name in series)
+
+    def open_gate(self, name: str) -> None:
+        """Let the scripted engine's answers held at ``[[gate=NAME]]`` go on."""
+        assert self.gates is not None, "not a scripted engine"
+        (self.gates / name).touch()
 
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

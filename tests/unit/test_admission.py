@@ -3,10 +3,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import Counter
 
 import pytest
 
-from hermes_serve.admission import AdmissionQueue, FairQueue, Waiter
+from hermes_serve.admission import AdmissionQueue, AdmissionStats, FairQueue, Waiter
 from hermes_serve.errors import OpenAIError
 
 
@@ -160,23 +161,36 @@ async def test_retry_after_follows_observed_hold_times() -> None:
 @pytest.mark.parametrize("seed", range(40))
 async def test_a_storm_of_arrivals_time_outs_and_cancellations_keeps_the_bounds(seed: int) -> None:
     """Whatever the interleaving (a time-out as a slot is granted, a cancellation at any
-    instant), no more than ``max_concurrency`` hold a slot, and nothing is left counted after."""
+    instant) and whatever the weights (some heavier than a cap), no more than
+    ``max_concurrency`` slots are held, nor more than a key's cap by that key, and nothing is
+    left counted after."""
     rnd = random.Random(seed)
-    cap = rnd.choice([1, 2])
+    cap = rnd.choice([1, 2, 3])
     queue = AdmissionQueue(max_concurrency=cap, max_queue=rnd.choice([1, 2, 5]))
+    key_caps = {f"k{i}": rnd.choice([None, 1, 2]) for i in range(3)}
     holding = peak = 0
+    by_key: Counter[str] = Counter()
 
     async def one(i: int) -> None:
         nonlocal holding, peak
         timeout_s = rnd.choice([0.001, 0.005, 0.01, 0.02])
+        key, weight = f"k{i % 3}", rnd.choice([1, 1, 2, 4])
+        key_cap = key_caps[key]
+        # What the request holds: its weight, clamped to each cap (heavier, it runs alone).
+        held, key_held = min(weight, cap), min(weight, key_cap or weight)
         with contextlib.suppress(OpenAIError):
-            async with queue.slot(f"k{i % 3}", priority=rnd.choice([0, 0, 5]), timeout_s=timeout_s):
-                holding += 1
+            async with queue.slot(
+                key, priority=rnd.choice([0, 0, 5]), key_max_concurrency=key_cap, timeout_s=timeout_s, weight=weight
+            ):
+                holding += held
+                by_key[key] += key_held
                 peak = max(peak, holding)
+                assert key_cap is None or by_key[key] <= key_cap
                 try:
                     await asyncio.sleep(rnd.choice([0, 0.001, 0.005, 0.01]))
                 finally:
-                    holding -= 1
+                    holding -= held
+                    by_key[key] -= key_held
 
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
@@ -190,3 +204,71 @@ async def test_a_storm_of_arrivals_time_outs_and_cancellations_keeps_the_bounds(
     assert 1 <= peak <= cap
     stats = queue.stats()
     assert (stats.running, stats.waiting, holding) == (0, 0, 0)
+
+
+# --- weights: a request holds a slot per sequence ----------------------------------------------
+
+
+async def test_a_request_holds_a_slot_per_sequence() -> None:
+    queue = AdmissionQueue(max_concurrency=4, max_queue=5)
+    gates = {name: asyncio.Event() for name in ("three", "two", "one")}
+    log: list[str] = []
+    tasks = [
+        asyncio.create_task(hold(queue, name, gates[name], log, weight=weight))
+        for name, weight in [("three", 3), ("two", 2), ("one", 1)]
+    ]
+    await settle()
+    # "two" does not fit beside "three"; "one" does, and passes it (as a key at its cap is passed).
+    assert log == ["three", "one"] and queue.stats().running == 4 and queue.stats().waiting_by_key == {"two": 1}
+    gates["three"].set()
+    await settle()
+    assert log == ["three", "one", "two"] and queue.stats().running == 3
+    for gate in gates.values():
+        gate.set()
+    await asyncio.gather(*tasks)
+    assert queue.stats() == AdmissionStats(0, 0, {})
+
+
+async def test_a_request_heavier_than_the_cap_runs_alone_rather_than_never() -> None:
+    queue = AdmissionQueue(max_concurrency=2, max_queue=5)
+    gates = {name: asyncio.Event() for name in ("small", "heavy", "late")}
+    log: list[str] = []
+    small = asyncio.create_task(hold(queue, "small", gates["small"], log))
+    await settle()
+    heavy = asyncio.create_task(hold(queue, "heavy", gates["heavy"], log, weight=5))
+    await settle()
+    assert log == ["small"] and queue.stats().waiting == 1
+    gates["small"].set()
+    await settle()
+    assert log == ["small", "heavy"] and queue.stats().running == 2, "the whole cap, not 5"
+    late = asyncio.create_task(hold(queue, "late", gates["late"], log))
+    await settle()
+    assert log == ["small", "heavy"], "nothing beside it"
+    gates["heavy"].set()
+    gates["late"].set()
+    await asyncio.gather(small, heavy, late)
+    assert log == ["small", "heavy", "late"] and queue.stats() == AdmissionStats(0, 0, {})
+
+
+async def test_a_keys_cap_counts_its_sequences_and_a_request_heavier_than_it_runs_alone_in_its_key() -> None:
+    queue = AdmissionQueue(max_concurrency=10, max_queue=5)
+    gates = [asyncio.Event() for _ in range(4)]
+    log: list[str] = []
+    mine = {"key_max_concurrency": 4}
+    first = asyncio.create_task(hold(queue, "a", gates[0], log, weight=3, **mine))
+    second = asyncio.create_task(hold(queue, "a", gates[1], log, weight=2, **mine))
+    other = asyncio.create_task(hold(queue, "b", gates[2], log, weight=2, **mine))
+    await settle()
+    assert log == ["a", "b"] and queue.stats().waiting_by_key == {"a": 1} and queue.stats().running == 5
+    heavy = asyncio.create_task(hold(queue, "a", gates[3], log, weight=6, **mine))
+    gates[0].set()
+    await settle()
+    assert log == ["a", "b", "a"] and queue.stats().waiting_by_key == {"a": 1}, "6 waits for its key to empty"
+    gates[1].set()
+    await settle()
+    # It holds its key's whole cap (4), and all its 6 sequences of the engine's 10.
+    assert log == ["a", "b", "a", "a"] and queue.stats().running == 2 + 6
+    for gate in gates:
+        gate.set()
+    await asyncio.gather(first, second, other, heavy)
+    assert queue.stats() == AdmissionStats(0, 0, {})

@@ -103,3 +103,38 @@ def test_messages_usage_is_start_input_plus_delta_output() -> None:
     assert (
         MESSAGES.estimate({"system": "s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}, 2048) < 30
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "sequences"),
+    [({}, 1), ({"n": None}, 1), ({"n": 1}, 1), ({"n": 16}, 16), ({"n": 2, "best_of": 5}, 5), ({"n": 0}, 1)],
+)
+def test_sequences_are_n_or_best_of_at_least_one(body: dict[str, object], sequences: int) -> None:
+    assert CHAT.sequences(body, max_n=16) == sequences
+    assert COMPLETIONS.sequences(body, max_n=16) == sequences
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"n": 17}, "integer_above_max_value", "n"),
+        ({"n": 1, "best_of": 256}, "integer_above_max_value", "best_of"),
+        # vLLM's lax parsing would read each of these as 256, past the cap.
+        ({"n": "256"}, "invalid_type", "n"),
+        ({"n": 256.0}, "invalid_type", "n"),
+        ({"best_of": True}, "invalid_type", "best_of"),
+    ],
+)
+def test_more_sequences_than_max_n_or_anything_but_an_integer_is_400(
+    body: dict[str, object], code: str, param: str
+) -> None:
+    for api in (CHAT, COMPLETIONS):
+        with pytest.raises(OpenAIError) as refused:
+            api.sequences(body, max_n=16)
+        assert (refused.value.status, refused.value.code, refused.value.param) == (400, code, param)
+    assert "16" in refused.value.message or "integer" in refused.value.message
+
+
+def test_apis_without_n_are_one_sequence_whatever_they_carry() -> None:
+    assert RESPONSES.sequences({"n": 500}, max_n=16) == 1
+    assert MESSAGES.sequences({"n": "x"}, max_n=16) == 1

@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from hermes_serve import auth
-from hermes_serve.auth import ANONYMOUS, KeyRing, hash_key, key_stanza, new_key
+from hermes_serve.auth import ANONYMOUS, KeyRing, hash_key, key_stanza, new_key, presented_key
 from hermes_serve.config import parse_settings
+from hermes_serve.errors import OpenAIError
 
 
 def ring(keys: list[dict[str, object]], environ: dict[str, str] | None = None, enabled: bool = True) -> KeyRing:
@@ -79,3 +80,31 @@ def test_cli_prints_key_and_stanza(capsys: pytest.CaptureFixture[str]) -> None:
     assert auth.main(["new", "team", "--key-only"]) == 0
     assert capsys.readouterr().out.strip().startswith("hs-")
     assert auth.main([]) == 2
+
+
+@pytest.mark.parametrize(
+    ("authorization", "api_key", "presented"),
+    [
+        ("Bearer K", None, "K"),
+        (None, "K", "K"),
+        ("Bearer K", "K", "K"),  # some SDK set-ups send both: the same key is one key
+        ("bearer  K ", " K", "K"),
+        ("Basic dXNlcjpwYXNz", "K", "K"),  # not a key: a proxy's, say
+        ("Bearer ", "K", "K"),
+        (None, "", None),
+        (None, None, None),
+    ],
+)
+def test_the_one_key_a_request_presents(authorization: str | None, api_key: str | None, presented: str | None) -> None:
+    assert presented_key(authorization, api_key) == presented
+
+
+def test_two_different_keys_are_refused_not_guessed_between() -> None:
+    keyring = ring([{"name": "a", "sha256": hash_key("KEY-A")}, {"name": "b", "sha256": hash_key("KEY-B")}])
+    with pytest.raises(OpenAIError) as refused:
+        keyring.authenticate("Bearer KEY-A", "KEY-B")
+    assert (refused.value.status, refused.value.code) == (401, "invalid_api_key")
+    assert refused.value.headers["WWW-Authenticate"] == "Bearer"
+    same = keyring.authenticate("Bearer KEY-A", "KEY-A")
+    assert same is not None and same.name == "a"
+    assert ring([], enabled=False).authenticate("Bearer KEY-A", "KEY-B") is ANONYMOUS

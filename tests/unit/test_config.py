@@ -84,6 +84,7 @@ def test_gpu_reservation_follows_overrides_too(tmp_path: Path) -> None:
     [
         ("{model: {max_model_len: lots}}", "services.hermes.model.max_model_len"),
         ("{admission: {max_concurrency: 0}}", "services.hermes.admission.max_concurrency"),
+        ("{server: {max_n: 0}}", "services.hermes.server.max_n"),
         ("{model: {gpu_memory_utilization: 1.5}}", "services.hermes.model.gpu_memory_utilization"),
         ("{modle: {}}", "services.hermes.modle"),
         ("{auth: {keys: [{name: a}]}}", "services.hermes.auth.keys.0"),

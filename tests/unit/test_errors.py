@@ -88,3 +88,83 @@ def test_each_dialect_ends_a_stream_in_its_own_framing() -> None:
 
 def test_405_names_the_allowed_methods() -> None:
     assert errors.method_not_allowed("PUT", "/v1/models", frozenset({"GET"})).headers == {"Allow": "GET"}
+
+
+# --- one table of codes ------------------------------------------------------------------------
+
+EVERY_FACTORY = [
+    errors.bad_json("Expecting value at line 1 column 1"),
+    errors.nesting_too_deep(64),
+    errors.invalid_body(),
+    errors.invalid_type("n", "an integer", "3"),
+    errors.integer_above_max("n", 16, 17),
+    errors.previous_response_unsupported(),
+    errors.invalid_client_request_id(512),
+    errors.invalid_api_key(),
+    errors.key_expired(),
+    errors.key_revoked(),
+    errors.conflicting_keys(),
+    errors.not_found("/nothing"),
+    errors.model_not_found("m"),
+    errors.response_not_stored(),
+    errors.method_not_allowed("PUT", "/v1/models", frozenset({"GET"})),
+    errors.body_too_large(10),
+    errors.rate_limited("requests", 1, 30, "team"),
+    errors.larger_than_limit(10, "tokens_per_minute", 5, "team"),
+    errors.insufficient_quota("tokens_per_day", 5, "team", frees_at=100.0, now=40.0),
+    errors.larger_than_limit(10, "tokens_per_day", 5, "team"),
+    errors.client_closed_request(),
+    errors.internal_error(),
+    errors.not_ready(),
+    errors.server_overloaded(3),
+    errors.limits_unavailable(),
+    errors.engine_failed(),
+    errors.queue_timeout(10, 3),
+    errors.request_timeout(60),
+]
+
+
+def test_every_code_in_the_table_has_a_factory() -> None:
+    assert {error.code for error in EVERY_FACTORY} == set(errors.CODES)
+
+
+@pytest.mark.parametrize("error", EVERY_FACTORY, ids=lambda error: f"{error.code}")
+def test_each_error_answers_as_its_row_says(error: OpenAIError) -> None:
+    assert error.code is not None
+    row = errors.CODES[error.code]
+    assert error.status == row.status and error.type in row.openai_types
+    assert ANTHROPIC.body(error)["error"]["type"] == row.anthropic_type
+    assert row.headers.items() <= error.headers.items()
+    retry_after = error.headers.get("Retry-After")
+    if row.retry_after is None:
+        assert retry_after is None
+    elif isinstance(row.retry_after, int):
+        assert retry_after == str(row.retry_after)
+    else:  # worked out by the factory; none for a request that could never fit
+        assert retry_after is None or int(retry_after) >= 1
+
+
+def test_an_anthropic_type_is_the_codes_and_follows_the_status_only_for_the_engines_errors() -> None:
+    # 503 alone would say overloaded_error; the code knows better.
+    assert ANTHROPIC.body(errors.limits_unavailable())["error"]["type"] == "api_error"
+    assert ANTHROPIC.body(errors.internal_error(503))["error"]["type"] == "api_error"
+    engine_refusal = errors.from_engine(403, b'{"detail": "not for you"}')
+    assert engine_refusal.code is None and ANTHROPIC.body(engine_refusal)["error"]["type"] == "permission_error"
+
+
+def test_the_refusals_are_the_rows_marked_so() -> None:
+    assert {code for code, row in errors.CODES.items() if row.refusal} == errors.REFUSALS
+    assert {"invalid_api_key", "insufficient_quota", "limits_unavailable", "request_timeout"} <= errors.REFUSALS
+    assert not {"invalid_json", "model_not_found", "internal_error", "engine_failed"} & errors.REFUSALS
+
+
+def test_the_table_and_the_openapi_descriptions_are_generated_from_the_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert errors.main(["table"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == errors.table().strip()
+    for code, row in errors.CODES.items():
+        assert f"| `{code}` | {row.status} |" in printed
+        assert f"`{code}`" in errors.when(row.status)
+    assert errors.main([]) == 2

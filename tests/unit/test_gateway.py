@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from starlette.datastructures import Headers
 
+from hermes_serve import errors
 from hermes_serve.apis import CHAT as CHAT_API
 from hermes_serve.auth import KeyRing, hash_key
 from hermes_serve.config import parse_settings
-from hermes_serve.gateway import Front, with_cors
+from hermes_serve.gateway import Front, Gateway, with_cors
+from hermes_serve.ledger import Charge, Hold, MemoryLedger, StorageUnavailable, Tally
+from hermes_serve.request import MAX_JSON_DEPTH
+from tests.support.asgi import Reply
 from tests.support.fake_engine import MODEL_ROOT, USAGE, FakeEngine
 from tests.support.gateway import KEY, build, call
 
@@ -577,3 +584,249 @@ async def test_the_console_is_served_with_a_strict_content_security_policy() -> 
     )
     for path in ["/console/../config.py", "/console/missing.js", "/console/console.py"]:
         assert (await call(gateway, "GET", path, key=None)).status == 404, path
+
+
+async def test_health_not_ready_is_the_same_503_as_every_route_gives() -> None:
+    gateway, _, _ = build()
+    gateway.attach(FakeEngine(), ready=lambda: False)
+    reply = await call(gateway, "GET", "/health", key=None)
+    assert reply.status == 503 and reply.error["code"] == "model_not_ready" and reply.headers["retry-after"] == "5"
+
+
+# --- every refusal is counted, under its code ----------------------------------------------------
+
+
+class Gate:
+    """An engine that holds each request at its door until opened: a request stays running
+    exactly as long as a test needs, with no duration involved."""
+
+    def __init__(self) -> None:
+        self.engine = FakeEngine()
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.entered.set()
+        await self.opened.wait()
+        await self.engine(scope, receive, send)
+
+
+def gated(registry: CollectorRegistry, **overrides: Any) -> tuple[Gateway, Gate]:
+    gateway, _, _ = build(registry=registry, **overrides)
+    gate = Gate()
+    gateway.attach(gate, ready=lambda: True)
+    return gateway, gate
+
+
+async def while_one_runs(gateway: Gateway, gate: Gate, first: dict[str, Any] = HELLO) -> Reply:
+    """A second request while a first one is inside the engine."""
+    running = asyncio.create_task(call(gateway, "POST", CHAT, first))
+    await gate.entered.wait()
+    try:
+        return await call(gateway, "POST", CHAT, HELLO)
+    finally:
+        gate.opened.set()
+        assert (await running).status == 200
+
+
+class UnreachableLedger(MemoryLedger):
+    async def admit(self, key: str, charges: list[Charge], hold: Hold | None, now: float) -> Tally:
+        raise StorageUnavailable("connection refused")
+
+
+def team(**limits: Any) -> dict[str, Any]:
+    return {"keys": [{"name": "team", "sha256": hash_key(KEY), **limits}]}
+
+
+async def wrong_key(registry: CollectorRegistry) -> Reply:
+    gateway, _, _ = build(registry=registry)
+    return await call(gateway, "POST", CHAT, HELLO, key="hs-wrong")
+
+
+async def over_the_minute(registry: CollectorRegistry) -> Reply:
+    gateway, _, _ = build(registry=registry, auth=team(requests_per_minute=1))
+    assert (await call(gateway, "POST", CHAT, HELLO)).status == 200
+    return await call(gateway, "POST", CHAT, HELLO)
+
+
+async def over_the_day(registry: CollectorRegistry) -> Reply:
+    gateway, _, _ = build(registry=registry, auth=team(tokens_per_day=100))
+    return await call(gateway, "POST", CHAT, {**HELLO, "max_tokens": 500})
+
+
+async def client_leaves(registry: CollectorRegistry) -> Reply:
+    gateway, _ = gated(registry)
+    return await call(gateway, "POST", CHAT, HELLO, disconnect_after_s=0.05)
+
+
+async def engine_not_ready(registry: CollectorRegistry) -> Reply:
+    gateway, _, _ = build(registry=registry)
+    gateway.attach(FakeEngine(), ready=lambda: False)
+    return await call(gateway, "POST", CHAT, HELLO)
+
+
+async def queue_full(registry: CollectorRegistry) -> Reply:
+    return await while_one_runs(*gated(registry, admission={"max_queue": 0}))
+
+
+async def storage_down(registry: CollectorRegistry) -> Reply:
+    gateway, _, _ = build(registry=registry, ledger=UnreachableLedger())
+    return await call(gateway, "POST", CHAT, HELLO)
+
+
+async def queued_too_long(registry: CollectorRegistry) -> Reply:
+    return await while_one_runs(*gated(registry))  # one place in the queue, none free
+
+
+async def running_too_long(registry: CollectorRegistry) -> Reply:
+    gateway, _ = gated(registry)  # never opened
+    return await call(gateway, "POST", CHAT, HELLO)
+
+
+PROVOKE: dict[str, Callable[[CollectorRegistry], Awaitable[Reply]]] = {
+    "invalid_api_key": wrong_key,
+    "rate_limit_exceeded": over_the_minute,
+    "insufficient_quota": over_the_day,
+    "client_closed_request": client_leaves,
+    "model_not_ready": engine_not_ready,
+    "server_overloaded": queue_full,
+    "limits_unavailable": storage_down,
+    "queue_timeout": queued_too_long,
+    "request_timeout": running_too_long,
+}
+
+
+def rejections(registry: CollectorRegistry, reason: str) -> float:
+    """``hermes_rejections_total`` for ``reason``, whichever key (an unknown one is "unknown")."""
+    return sum(
+        sample.value
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name == "hermes_rejections_total" and sample.labels["reason"] == reason
+    )
+
+
+def test_every_refusal_in_the_table_is_provoked_below() -> None:
+    assert set(PROVOKE) == errors.REFUSALS, "a new refusal needs a way to provoke it here"
+
+
+@pytest.mark.looptime  # the queue's and the request's time limits pass on virtual time
+@pytest.mark.parametrize("code", sorted(errors.REFUSALS))
+async def test_every_refusal_is_answered_and_counted_under_its_code(code: str) -> None:
+    registry = CollectorRegistry()
+    reply = await PROVOKE[code](registry)
+    assert reply.status == errors.CODES[code].status and reply.error["code"] == code
+    assert rejections(registry, code) == 1
+
+
+# --- a client's own request id --------------------------------------------------------------------
+
+
+async def test_a_clients_request_id_is_logged_beside_ours_and_never_reaches_the_engine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gateway, engine, _ = build()
+    theirs = 'job-7 "retry 2"'
+    with caplog.at_level(logging.INFO, logger="hermes_serve.access"):
+        reply = await call(gateway, "POST", CHAT, HELLO, headers={"X-Client-Request-Id": theirs})
+    assert reply.status == 200
+    ours = reply.headers["x-request-id"]
+    assert ours != theirs and engine.headers[-1]["x-request-id"] == ours
+    assert "x-client-request-id" not in engine.headers[-1]
+    assert theirs not in json.dumps(engine.bodies[-1]) and theirs not in json.dumps(engine.headers[-1])
+    line = caplog.records[-1].getMessage()
+    assert line.startswith(f'id={ours} client_request_id="job-7 \\"retry 2\\"" key=team POST {CHAT} status=200')
+
+
+@pytest.mark.parametrize("value", ["x" * 513, "caf\u00e9", "tab\there"])
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, "/v1/models"])
+async def test_a_bad_client_request_id_is_a_400_in_the_apis_shape(value: str, path: str) -> None:
+    gateway, engine, _ = build()
+    method, body = ("GET", None) if path == "/v1/models" else ("POST", ASK[path])
+    reply = await call(gateway, method, path, body, headers={"X-Client-Request-Id": value})
+    assert reply.status == 400
+    if path == MESSAGES:
+        assert reply.json()["error"]["type"] == "invalid_request_error" and "X-Client-Request-Id" in reply.body.decode()
+    else:
+        assert reply.error["code"] == "invalid_client_request_id"
+    assert engine.headers == []
+    assert (await call(gateway, method, path, body, headers={"X-Client-Request-Id": "x" * 512})).status == 200
+
+
+# --- bounds on what one request may ask --------------------------------------------------------------
+
+
+def nested_body(path: str, depth: int) -> bytes:
+    """The API's request with one more field, ``x``, nested so the whole body is ``depth`` deep
+    (written as text: a list that deep cannot even be built by json.dumps)."""
+    opening = json.dumps(ASK[path])[:-1]
+    return f'{opening}, "x": {"[" * (depth - 1)}{"]" * (depth - 1)}}}'.encode()
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 1000, 100_000])
+async def test_a_body_nested_too_deep_is_a_400_in_the_apis_shape_and_nothing_recurses(
+    path: str, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway, engine, _ = build(server={"max_body_bytes": 1_000_000})
+    reply = await call(gateway, "POST", path, raw=nested_body(path, depth))
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], "no traceback"
+    if depth <= MAX_JSON_DEPTH:
+        assert reply.status == 200  # re-encoded, estimated and parsed by the engine, whole
+        assert engine.bodies[-1]["x"] == json.loads(nested_body(path, depth))["x"]
+        return
+    assert reply.status == 400 and engine.bodies == []
+    message = f"The request body nests arrays or objects more than {MAX_JSON_DEPTH} levels deep."
+    if path == MESSAGES:
+        assert reply.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    else:
+        assert reply.error == {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "nesting_too_deep",
+        }
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "code", "param"),
+    [
+        (CHAT, {"n": 17}, "integer_above_max_value", "n"),
+        ("/v1/completions", {"n": 256}, "integer_above_max_value", "n"),
+        ("/v1/completions", {"best_of": 17}, "integer_above_max_value", "best_of"),
+        (CHAT, {"n": "256"}, "invalid_type", "n"),
+        (CHAT, {"n": 256.0}, "invalid_type", "n"),
+    ],
+)
+async def test_n_is_capped_by_server_max_n(path: str, extra: dict[str, Any], code: str, param: str) -> None:
+    gateway, engine, settings = build()
+    reply = await call(gateway, "POST", path, {**ASK[path], **extra})
+    assert reply.status == 400 and (reply.error["code"], reply.error["param"]) == (code, param)
+    assert engine.bodies == []
+    assert settings.server.max_n == 16
+    assert (await call(gateway, "POST", path, {**ASK[path], "n": 16})).status == 200, "heavier than the cap: alone"
+    capped, _, _ = build(server={"max_n": 2})
+    assert (await call(capped, "POST", path, {**ASK[path], "n": 3})).error["param"] == "n"
+
+
+@pytest.mark.looptime
+async def test_a_request_holds_an_engine_slot_per_sequence() -> None:
+    # Two slots, no queue: a request asking for n=2 leaves no room for another.
+    gateway, gate = gated(CollectorRegistry(), admission={"max_concurrency": 2, "max_queue": 0})
+    refused = await while_one_runs(gateway, gate, first={**HELLO, "n": 2})
+    assert refused.status == 503 and refused.error["code"] == "server_overloaded"
+
+
+async def test_two_different_keys_in_one_request_are_refused_the_same_key_twice_is_not() -> None:
+    other = "hs-other-key"
+    keys = [{"name": "team", "sha256": hash_key(KEY)}, {"name": "other", "sha256": hash_key(other)}]
+    gateway, engine, _ = build(auth={"keys": keys, "metrics_require_key": True})
+    both = await call(gateway, "POST", CHAT, HELLO, headers={"x-api-key": other})  # and Bearer KEY
+    assert both.status == 401 and both.error["code"] == "invalid_api_key" and "Two different" in both.error["message"]
+    assert both.headers["www-authenticate"] == "Bearer"
+    anthropic = await call(gateway, "POST", MESSAGES, ASK[MESSAGES], headers={"x-api-key": other})
+    assert anthropic.status == 401 and anthropic.json()["error"]["type"] == "authentication_error"
+    assert engine.bodies == []
+    assert (await call(gateway, "POST", CHAT, HELLO, headers={"x-api-key": KEY})).status == 200
+    assert not gateway.may_read_metrics(Headers({"authorization": f"Bearer {KEY}", "x-api-key": other}))
+    assert gateway.may_read_metrics(Headers({"authorization": f"Bearer {KEY}", "x-api-key": KEY}))

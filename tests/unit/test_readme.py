@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from hermes_serve import gateway, routes
+from hermes_serve import errors, gateway, routes
 from hermes_serve.config import ApiKey, reference_table
 from tests.support.servers import REPO
 
@@ -14,6 +14,10 @@ README = (REPO / "README.md").read_text()
 def test_configuration_tables_list_every_setting_with_its_real_default() -> None:
     assert reference_table() in README, "regenerate it: python -m hermes_serve.config table"
     assert reference_table(ApiKey) in README
+
+
+def test_the_errors_table_is_the_codes() -> None:
+    assert errors.table() in README, "regenerate it: python -m hermes_serve.errors table"
 
 
 def test_request_path_is_the_gateways() -> None:

@@ -32,6 +32,7 @@ MEDDLING_HEADERS = {
     "X-Request-Id": "mine",
     "X-data-parallel-rank": "3",
     "X-Session-ID": "s",
+    "X-Client-Request-Id": "the-clients-own",
 }
 
 

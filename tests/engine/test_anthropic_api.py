@@ -5,7 +5,7 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from tests.e2e.conftest import SERVED_NAME
+from tests.engine.conftest import SERVED_NAME
 from tests.support.servers import Server
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]

@@ -55,7 +55,6 @@ def test_a_wrong_key_shows_the_401_message(server: Server, page: Any) -> None:
     assert page.is_disabled("#send")
 
 
-@pytest.mark.usefixtures("slot_free")
 def test_a_right_key_streams_an_answer_token_by_token_and_the_standing_updates(server: Server, page: Any) -> None:
     refused: list[str] = []
     page.on("console", lambda message: refused.append(message.text) if "Refused to" in message.text else None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from tests.e2e.conftest import APP_ORIGIN, SERVED_NAME
+from tests.gateway.conftest import SCRIPTED
+from tests.support.fleet import APP_ORIGIN
 from tests.support.servers import Server
 
 PREFLIGHT = {
@@ -22,15 +23,15 @@ def test_cors_is_closed_by_default(server: Server) -> None:
     assert reply.status_code == 200 and "access-control-allow-origin" not in reply.headers
 
 
-def test_a_listed_origin_may_call_from_a_browser(fault_pair: tuple[Server, Server]) -> None:
-    server = fault_pair[0]
+def test_a_listed_origin_may_call_from_a_browser(front: tuple[Server, Server]) -> None:
+    server = front[1]  # its environment lists APP_ORIGIN
     preflight = httpx.options(f"{server.url}/v1/chat/completions", headers=PREFLIGHT)
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == APP_ORIGIN
     assert "x-stainless-os" in preflight.headers["access-control-allow-headers"].lower()
     assert "access-control-allow-credentials" not in preflight.headers
     with server.http("tester") as http:
-        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        body = {"model": SCRIPTED, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
         reply = http.post("/v1/chat/completions", json=body, headers={"Origin": APP_ORIGIN})
     assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == APP_ORIGIN
     assert "x-request-id" in reply.headers["access-control-expose-headers"]

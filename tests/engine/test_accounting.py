@@ -9,7 +9,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from tests.e2e.conftest import SERVED_NAME
+from tests.engine.conftest import SERVED_NAME
 from tests.support.servers import Server, wait_until
 
 PROMPT = "Name three colours."

@@ -1,4 +1,5 @@
-"""Keys that change without a restart, budgets shared by replicas, and each key's own view.
+"""Keys that change without a restart, budgets shared by replicas, and each key's own view
+(the gateway tier: the "front" pair of replicas over the scripted engine).
 
 Both servers read one configuration file: editing it reaches both, as a ConfigMap would.
 """
@@ -8,16 +9,16 @@ from __future__ import annotations
 import hashlib
 import secrets
 import signal
-import threading
 from typing import Any
 
 import openai
 import pytest
 
 from hermes_serve.apis import CHAT
-from tests.e2e.conftest import SERVED_NAME
+from tests.gateway.conftest import SCRIPTED
 from tests.support.reloading import RELOAD_WAIT_S, edited, reloads
 from tests.support.servers import Server, process_tree, wait_until
+from tests.support.streams import Held
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -38,25 +39,32 @@ def remove_key(name: str) -> Any:
     return change
 
 
-def stream_through(server: Server, max_tokens: int, done: threading.Event, result: dict[str, Any]) -> None:
-    """A long stream that must run, uncut, through every change."""
-    body = {"model": SERVED_NAME, "messages": HELLO, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
-    with server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
-        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-    result["status"], result["end"] = response.status_code, lines[-2:]
-    done.set()
+def held_stream(server: Server, gate: str) -> Held:
+    """A stream that must run, uncut, through every change: its first token, then held by the
+    scripted engine until the test opens ``gate``, then the rest."""
+    body = {"model": SCRIPTED, "messages": [{"role": "user", "content": f"Hello. [[gate={gate}]]"}], "max_tokens": 4}
+    held = Held(server, body)
+    held.event()
+    return held
 
 
-@pytest.mark.usefixtures("slot_free")
+def ended_well(server: Server, held: Held, gate: str) -> list[str]:
+    """Open the gate; the stream's last two events (it must have run to its end)."""
+    assert held.status == 200
+    server.open_gate(gate)
+    lines = [line for line in held.rest() if line.startswith("data: ")]
+    held.leave()
+    return lines[-2:]
+
+
 def test_keys_added_and_removed_in_the_file_apply_to_both_servers_with_a_stream_running(
-    servers_pair: tuple[Server, Server], record_property: Any
+    front: tuple[Server, Server], record_property: Any
 ) -> None:
-    first, second = servers_pair
+    first, second = front
+    servers_pair = front
     secret = "hs-added-" + secrets.token_urlsafe(12)
-    done, result = threading.Event(), {}
-    # So long that only the server's request_timeout_s (25 s) ends it, whatever the machine's speed.
-    streamer = threading.Thread(target=stream_through, args=(first, 1900, done, result))
-    streamer.start()
+    gate = "reload-" + secrets.token_hex(4)
+    held = held_stream(first, gate)
     assert wait_until(lambda: first.metric("hermes_running_requests") == 1)
     for server in servers_pair:
         with pytest.raises(openai.AuthenticationError):
@@ -69,16 +77,14 @@ def test_keys_added_and_removed_in_the_file_apply_to_both_servers_with_a_stream_
             for server in servers_pair:
                 with pytest.raises(openai.AuthenticationError):
                     openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0).models.list()
-    assert not done.is_set(), "the stream runs through both changes"
-    streamer.join(timeout=120)
-    assert result["status"] == 200, result
-    assert '"request_timeout"' in result["end"][0] and result["end"][1] == "data: [DONE]", (
-        "ended by its time limit, not a reload"
-    )
+    end = ended_well(first, held, gate)
+    assert '"finish_reason":"length"' in end[0] and end[1] == "data: [DONE]", "the stream ran through both changes"
     second.client().models.list()
 
 
-def test_a_broken_file_changes_nothing(servers_pair: tuple[Server, Server]) -> None:
+def test_a_broken_file_changes_nothing(front: tuple[Server, Server]) -> None:
+    servers_pair = front
+
     def break_it(section: dict[str, Any]) -> None:
         section["auth"]["keys"][0]["sha256"] = "not-a-digest"
 
@@ -88,7 +94,8 @@ def test_a_broken_file_changes_nothing(servers_pair: tuple[Server, Server]) -> N
             assert "not-a-digest" not in server.log.read_text()
 
 
-def test_an_expired_key_is_refused(servers_pair: tuple[Server, Server]) -> None:
+def test_an_expired_key_is_refused(front: tuple[Server, Server]) -> None:
+    servers_pair = front
     secret = "hs-old-" + secrets.token_urlsafe(12)
     with edited(servers_pair, add_key("old", secret, expires_at="2020-01-01T00:00:00Z")):
         with pytest.raises(openai.AuthenticationError) as refused:
@@ -96,41 +103,35 @@ def test_an_expired_key_is_refused(servers_pair: tuple[Server, Server]) -> None:
         assert "expired" in refused.value.message
 
 
-@pytest.mark.usefixtures("slot_free")
 def test_sighup_reloads_without_restarting_the_worker_or_cutting_a_stream(server: Server) -> None:
     workers = {p.pid for p in process_tree(server)}
-    done, result = threading.Event(), {}
-    # As long as the server lets a request run (request_timeout_s, 25 s): the reload has that
-    # long to be seen, however slow the machine.
-    streamer = threading.Thread(target=stream_through, args=(server, 1900, done, result))
-    streamer.start()
-    assert wait_until(lambda: server.metric("hermes_running_requests") == 1)
+    gate = "sighup-" + secrets.token_hex(4)
+    held = held_stream(server, gate)
+    assert wait_until(lambda: server.metric("hermes_running_requests") >= 1)
     before = reloads(server)
     server.process.send_signal(signal.SIGHUP)  # to `bentoml serve`, as `kill -HUP` would
     assert wait_until(lambda: reloads(server) == before + 1, RELOAD_WAIT_S)
-    assert not done.is_set(), "the stream runs through the reload"
-    streamer.join(timeout=120)
-    assert result["status"] == 200 and result["end"][1] == "data: [DONE]", result
-    # Ended well, or by its time limit on a slower machine: never by another error.
-    assert "error" not in result["end"][0] or '"request_timeout"' in result["end"][0], result
+    end = ended_well(server, held, gate)
+    assert end[1] == "data: [DONE]", end
+    assert "error" not in end[0] and '"finish_reason":"length"' in end[0], "the stream ran through the reload"
     assert {p.pid for p in process_tree(server)} == workers, "no process was restarted"
     assert server.http(key=None).get("/readyz").status_code == 200
 
 
-def test_two_servers_share_a_day_budget_and_usage_shows_what_was_charged(servers_pair: tuple[Server, Server]) -> None:
-    first, second = servers_pair
+def test_two_servers_share_a_day_budget_and_usage_shows_what_was_charged(front: tuple[Server, Server]) -> None:
+    first, second = servers_pair = front
 
     def charged() -> float:
         return sum(server.metric("hermes_tokens_total", key="daily") for server in servers_pair)
 
     charged_before = charged()
-    reply = first.client("daily").chat.completions.create(model=SERVED_NAME, messages=HELLO, max_tokens=5)
+    reply = first.client("daily").chat.completions.create(model=SCRIPTED, messages=HELLO, max_tokens=5)
     used = reply.usage.total_tokens  # type: ignore[union-attr]
     # Within the whole budget (200), but more than the other server's usage left free.
-    body = {"model": SERVED_NAME, "messages": HELLO}
+    body = {"model": SCRIPTED, "messages": HELLO}
     max_tokens = 200 - CHAT.prompt_tokens(body, 2048) - used + 1
     with pytest.raises(openai.RateLimitError) as refused:
-        second.client("daily").chat.completions.create(model=SERVED_NAME, messages=HELLO, max_tokens=max_tokens)
+        second.client("daily").chat.completions.create(model=SCRIPTED, messages=HELLO, max_tokens=max_tokens)
     assert refused.value.code == "insufficient_quota" and "tokens_per_day" in refused.value.message
     assert refused.value.response.headers["x-should-retry"] == "false"
     for server in servers_pair:

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from tests.e2e.conftest import SERVED_NAME
+from tests.engine.conftest import SERVED_NAME
 from tests.support.servers import Server
 
 CAPITAL = "What is the capital of France? Answer in one word."

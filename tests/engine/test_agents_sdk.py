@@ -7,7 +7,7 @@ import asyncio
 import openai
 from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
-from tests.e2e.conftest import SERVED_NAME
+from tests.engine.conftest import SERVED_NAME
 from tests.support.servers import Server
 
 calls: list[str] = []
