@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
 from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,16 @@ class FakeApp:
                 return await _json(send, 200, {"version": "fake"})
             if path == "/health":
                 return await _json(send, 200 if not self._client.errored else 503, None)
+            if path == "/metrics":  # served alone; behind the gateway, BentoML's /metrics has these
+                payload = generate_latest(REGISTRY)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+                    }
+                )
+                return await send({"type": "http.response.body", "body": payload})
             return await _json(send, 404, {"detail": "Not Found"})
         body = await _read_body(receive)
         if not isinstance(body, dict):
@@ -756,3 +766,34 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {"schemas": {}},
 }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hermes_serve.fake_engine --port 8100``: the scripted engine alone, as an
+    OpenAI-compatible server of its own (no gateway): a baseline for the gateway's cost, or an
+    upstream for a router."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m hermes_serve.fake_engine")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--served-name", default="scripted")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--source", default=SCHEME, help="fake://?gates=DIR...: the options above")
+    options = parser.parse_args(argv)
+    served = frozenset({options.served_name})
+
+    async def serve() -> None:
+        _, app = await start(options.source, lambda: served, options.max_model_len)
+        config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False)
+        await uvicorn.Server(config).serve()
+
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

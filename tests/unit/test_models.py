@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hermes_serve.models import EMBEDDED_GGUF, default_name, embedded_gguf
+from tests.support.servers import wait_until
 
 
 def models_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,7 +72,8 @@ def test_directory_import_is_stored_resolved_and_idempotent(tmp_path: Path, hf_d
     assert again.returncode == 0 and again.stdout.strip() == tag
     assert "already in the store" in again.stderr
 
-    time.sleep(1)  # store versions are time-based
+    second = int(time.time())
+    assert wait_until(lambda: int(time.time()) > second, 5)  # store versions are time-based
     forced = models_cli(home, "import", str(hf_dir), "--force")
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.strip() != tag and forced.stdout.strip().startswith("my-model:")

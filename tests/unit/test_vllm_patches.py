@@ -19,15 +19,13 @@ from hermes_serve.vllm_patches import PLUGINS_PATH, WORKER_NAME_PREFIX, load_aot
 from tests.support.servers import REPO
 
 
-def test_vllm_finds_the_plugin_where_the_engine_puts_it() -> None:
+def test_vllm_finds_the_plugin_where_the_engine_puts_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """As vLLM's spawned processes do: sys.path as the engine leaves it, then vLLM's loader."""
-    code = (
-        f"import sys; sys.path.append({str(PLUGINS_PATH)!r}); "
-        "from vllm.plugins import load_plugins_by_group; "
-        "print(sorted(load_plugins_by_group('vllm.general_plugins')))"
-    )
-    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert "hermes_aot_compile_cache" in found.stdout and "hermes_die_with_the_engine" in found.stdout
+    from vllm.plugins import load_plugins_by_group
+
+    monkeypatch.setattr(sys, "path", [*sys.path, str(PLUGINS_PATH)])
+    found = load_plugins_by_group("vllm.general_plugins")
+    assert {"hermes_aot_compile_cache", "hermes_die_with_the_engine"} <= set(found)
 
 
 def test_a_stock_inductor_artifact_can_be_finalised_after_loading() -> None:
@@ -50,29 +48,34 @@ def test_a_stock_inductor_artifact_can_be_finalised_after_loading() -> None:
 
 
 ENGINE = """
-import multiprocessing, os, sys, time
+import multiprocessing, os, sys, threading
 from hermes_serve.vllm_patches import die_with_the_engine
 
-def worker():
+def worker(ready):
     die_with_the_engine()  # what vLLM's plugin loader calls in each of its processes
-    time.sleep(120)
+    ready.set()
+    threading.Event().wait()  # busy for good, as a worker stuck in its loop
 
 if __name__ == "__main__":
-    child = multiprocessing.get_context("spawn").Process(target=worker, name=sys.argv[1], daemon=True)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    child = context.Process(target=worker, args=(ready,), name=sys.argv[1], daemon=True)
     child.start()
-    time.sleep(float(sys.argv[2]))  # the plugin has run in the child
-    assert child.is_alive()
-    open(sys.argv[3], "w").write(str(child.pid))  # not stdout: the child holds that open
+    assert ready.wait(60)  # the plugin has run in the child
+    open(sys.argv[2], "w").write(str(child.pid))  # not stdout: the child holds that open
     os._exit(0)  # as a SIGKILLed engine: no clean-up, no join
 """
+OUTLIVES_S = 2  # the control's: a child without the signal is still alive this long after
 
 
-def _orphan_after_its_engine_dies(tmp_path: Path, name: str) -> psutil.Process | None:
-    """The child's pid if it outlives its engine by 5 s (spawn needs the script in a file)."""
+def _orphan_after_its_engine_dies(tmp_path: Path, name: str, dies: bool) -> psutil.Process | None:
+    """The child, if it outlives its engine (spawn needs the script in a file). ``dies``: the
+    death is expected, so wait for it (its signal is sent as the engine exits); otherwise give
+    it ``OUTLIVES_S`` to die."""
     script = tmp_path / "engine.py"
     script.write_text(ENGINE)
     subprocess.run(
-        [sys.executable, str(script), name, "3", str(tmp_path / "pid")],
+        [sys.executable, str(script), name, str(tmp_path / "pid")],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -82,7 +85,7 @@ def _orphan_after_its_engine_dies(tmp_path: Path, name: str) -> psutil.Process |
     )
     child = psutil.Process(int((tmp_path / "pid").read_text()))  # alive when written: the premise
     try:
-        child.wait(timeout=5)
+        child.wait(timeout=60 if dies else OUTLIVES_S)
     except psutil.TimeoutExpired:
         return child
     return None
@@ -121,12 +124,12 @@ def vllms_worker_name(rank: int) -> str:
 def test_a_worker_dies_with_the_engine_that_started_it(tmp_path: Path) -> None:
     name = vllms_worker_name(rank=1)
     assert name.startswith(WORKER_NAME_PREFIX), f"vLLM names its workers {name!r} now: the plugin skips them"
-    assert _orphan_after_its_engine_dies(tmp_path, name) is None
+    assert _orphan_after_its_engine_dies(tmp_path, name, dies=True) is None
 
 
 def test_other_processes_are_left_to_their_own_ends(tmp_path: Path) -> None:
     """The control: without the plugin's signal a child outlives its parent (so the test
     above can fail), and only vLLM's workers get the signal."""
-    orphan = _orphan_after_its_engine_dies(tmp_path, "SomethingElse-0")
+    orphan = _orphan_after_its_engine_dies(tmp_path, "SomethingElse-0", dies=False)
     assert orphan is not None
     orphan.kill()
