@@ -13,6 +13,7 @@ another's, so the gateway owns them:
 | header ``X-Session-ID``, body ``session_id`` (published in KV-cache events) | dropped | nothing |
 | body ``vllm_xargs`` (arguments for custom logits processors, a session id too; none are loaded) | dropped | nothing |
 | header ``X-Client-Request-Id`` (not read by vLLM: the client's own id, for the gateway's log) | dropped | nothing |
+| headers ``Authorization``, ``x-api-key`` (the client's key) | checked | nothing: a key never travels past the gateway |
 | body ``model`` | checked against the key's ``models`` | as sent |
 
 Everything else a request carries reaches vLLM as the client sent it, to be validated there.
@@ -28,7 +29,16 @@ from typing import Any
 from .auth import Principal
 
 CLIENT_FIELDS = ("cache_salt", "priority", "request_id", "kv_transfer_params", "session_id", "vllm_xargs")
-CLIENT_HEADERS = ("x-vllm-priority", "x-request-id", "x-data-parallel-rank", "x-session-id", "x-client-request-id")
+# The client's credentials never travel past the gateway either: the engine needs none.
+CLIENT_HEADERS = (
+    "x-vllm-priority",
+    "x-request-id",
+    "x-data-parallel-rank",
+    "x-session-id",
+    "x-client-request-id",
+    "authorization",
+    "x-api-key",
+)
 
 
 class Tenancy:

@@ -25,7 +25,7 @@ def gateway_servers() -> dict[str, Server]:
 @pytest.fixture(scope="session")
 def front(gateway_servers: dict[str, Server]) -> tuple[Server, Server]:
     """Two replicas over one Redis, reading one configuration file; the second lets one
-    browser origin in (CORS)."""
+    browser origin in (CORS) and is told by its environment to serve no adapters."""
     return gateway_servers["front-0"], gateway_servers["front-1"]
 
 

@@ -143,3 +143,20 @@ def test_two_servers_share_a_day_budget_and_usage_shows_what_was_charged(front: 
         assert day["resets_at"].endswith("T00:00:00Z")
     # Metrics are counted as a request's record closes, just after its answer has gone out.
     assert wait_until(lambda: charged() - charged_before == used)
+
+
+def test_adapters_in_the_file_reload_where_the_environment_does_not_fix_them(front: tuple[Server, Server]) -> None:
+    first, second = front
+
+    def served(server: Server) -> set[str]:
+        return {m.id for m in server.client().models.list().data}
+
+    def add(section: dict[str, Any]) -> None:
+        section["model"]["adapters"] = [{"name": "tiny-late", "source": "fake://tiny-late"}]
+
+    with edited(front, add):
+        assert "tiny-late" in served(first)
+        reply = first.client().chat.completions.create(model="tiny-late", messages=HELLO, max_tokens=2)
+        assert reply.model == "tiny-late"
+        assert "tiny-late" not in served(second), "its environment says no adapters"
+    assert served(first) == {SCRIPTED}

@@ -100,7 +100,10 @@ class Fleet:
             "front",
             FRONT_KEYS,
             {**base, "limits_storage": main.url, "server": {"max_body_bytes": 65536}},
-            second_environment={"HERMES_SERVER__CORS_ORIGINS": json.dumps([APP_ORIGIN])},
+            second_environment={
+                "HERMES_SERVER__CORS_ORIGINS": json.dumps([APP_ORIGIN]),
+                "HERMES_MODEL__ADAPTERS": "[]",
+            },
         )
         crowd = {"max_concurrency": 64, "max_queue": 50, "queue_timeout_s": 60, "request_timeout_s": 60}
         self._pair("faults", FAULT_KEYS, {"admission": crowd, "limits_storage": faults.url})
@@ -215,7 +218,8 @@ class Fleet:
 
     def stop(self) -> list[str]:
         """Stop everything; returns what was left behind after SIGTERM (then killed)."""
-        left = [f"{s.url}: {pids}\n{s.log_tail()}" for s in self.everything() if (pids := servers.stop(s))]
+        pids = servers.stop_all(self.everything())
+        left = [f"processes {pids}"] if pids else []
         for redis in self.redises.values():
             redis.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import httpx
 import openai
 import psutil
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,30 +190,22 @@ def process_tree(server: Server) -> list[psutil.Process]:
 
 def stop(server: Server, timeout_s: float = 60) -> list[int]:
     """SIGTERM as an operator would; returns the pids still alive after ``timeout_s`` (killed)."""
-    try:
-        tree = process_tree(server)
-    except psutil.NoSuchProcess:
-        return []
-    server.process.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    return stop_all([server], timeout_s)
+
+
+def stop_all(started: list[Server], timeout_s: float = 60) -> list[int]:
+    """SIGTERM to every server at once, then wait for all; returns the pids still alive after
+    ``timeout_s`` (killed)."""
+    trees: list[psutil.Process] = []
+    for server in started:
+        try:
+            trees += process_tree(server)
+        except psutil.NoSuchProcess:
+            continue
+        server.process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(trees, timeout=timeout_s)
     for process in alive:
         process.kill()
-    server.process.wait(timeout=10)
+    for server in started:
+        server.process.wait(timeout=10)
     return [p.pid for p in alive]
-
-
-@contextlib.contextmanager
-def serving(started: list[Server], ready_timeout_s: float) -> Iterator[list[Server]]:
-    """Servers started together, ready within one deadline, stopped (and checked to leave
-    nothing behind) whatever happens: the e2e tier's session fixtures."""
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        for server in started:
-            try:
-                wait_ready(server, deadline)
-            except NotReady as exc:
-                pytest.fail(str(exc))
-        yield started
-    finally:
-        left_behind = [(server.log_tail(), pids) for server in started if (pids := stop(server))]
-        assert not left_behind, f"left behind after SIGTERM: {left_behind}"

@@ -52,6 +52,8 @@ async def test_the_engine_gets_the_gateways_fields_and_headers_never_the_clients
     assert headers["x-request-id"] == reply.headers["x-request-id"]
     assert not {h for h in headers if h in CLIENT_HEADERS} - {"x-vllm-priority", "x-request-id"}
     assert "x-data-parallel-rank" not in headers and "x-session-id" not in headers
+    assert "authorization" not in headers and "x-api-key" not in headers, "the client's key reached the engine"
+    assert all(KEY not in value for value in headers.values())
 
 
 async def test_each_key_has_its_own_salt_and_a_group_shares_one() -> None:
