@@ -68,6 +68,13 @@ USAGE = {
         },
     },
 }
+# One server-sent event, as a client parses it: a JSON ``data`` (or chat's ``[DONE]``), and
+# the event's name where the API sends one (Responses, Anthropic).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
 HEALTH = {
     "type": "object",
     "required": ["status", "model"],
@@ -161,5 +168,5 @@ def _success(route: routes.Route, operation: dict[str, Any]) -> dict[str, Any]:
     success: dict[str, Any] = operation.get("responses", {}).get("200") or {"description": "answered"}
     success.setdefault("description", "answered")
     if route.api is not None:
-        success.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+        success.setdefault("content", {})["text/event-stream"] = {"schema": SSE_EVENT}
     return success

@@ -688,7 +688,7 @@ async def _error(send: Send, status: int, message: str, kind: str = "BadRequestE
 def _operation(summary: str, schema: dict[str, Any], stream: bool) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+        content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"]}}
     return {
         "summary": summary,
         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
