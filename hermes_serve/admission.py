@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from . import errors
-from .clock import Clock, monotonic
+from .clock import Clock, loop_time
 
 RETRY_AFTER_MAX_S = 60
 
@@ -107,7 +107,7 @@ class AdmissionStats:
 
 
 class AdmissionQueue:
-    def __init__(self, max_concurrency: int, max_queue: int, clock: Clock = monotonic) -> None:
+    def __init__(self, max_concurrency: int, max_queue: int, clock: Clock = loop_time) -> None:
         self._max_concurrency = max_concurrency
         self._max_queue = max_queue
         self._clock = clock

@@ -12,11 +12,11 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import fake_engine
+from .clock import Clock, loop_time
 from .config import Settings
 from .vllm_patches import PLUGINS_PATH
 
@@ -109,7 +109,7 @@ class Engine:
         settings: Settings,
         on_fatal: Callable[[], None],
         on_restarted: Callable[[Any], None] = lambda app: None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = loop_time,
     ) -> None:
         self._settings = settings
         self._on_fatal = on_fatal

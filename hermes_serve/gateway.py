@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.datastructures import Headers
@@ -23,13 +23,14 @@ from . import console, contract, errors, routes
 from .admission import AdmissionQueue
 from .apis import Api
 from .auth import KeyRing, Principal
-from .clock import Clock, monotonic
+from .clock import Clock, WallClock, loop_time, wall_time
 from .config import Settings
 from .errors import OpenAIError
 from .limits import Limits
 from .metrics import GatewayMetrics
-from .record import Record, observe
+from .record import Fate, Record, charge, observe
 from .relay import Relay
+from .reply import Reply
 from .request import ClientDisconnected, Incoming
 from .tenancy import CLIENT_HEADERS, Tenancy
 from .usage import usage_json
@@ -43,6 +44,21 @@ class ASGIApp(Protocol):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
 
+@dataclass
+class Exchange:
+    """One request on its way down the path: what the client sent, what it is sent back, and
+    the record of what happened."""
+
+    request: Incoming
+    reply: Reply
+    record: Record
+    route: routes.Route | None
+    params: dict[str, str]
+    """The route's path parameters."""
+    principal: Principal | None = None
+    """The key, once authenticated."""
+
+
 class Gateway:
     def __init__(
         self,
@@ -51,8 +67,8 @@ class Gateway:
         limits: Limits,
         admission: AdmissionQueue,
         metrics: GatewayMetrics,
-        clock: Clock = monotonic,
-        wall_clock: Clock = time.time,
+        clock: Clock = loop_time,
+        wall_clock: WallClock = wall_time,
         tenancy: Tenancy | None = None,
     ) -> None:
         self._settings = settings
@@ -63,7 +79,12 @@ class Gateway:
         self._clock = clock
         self._wall_clock = wall_clock
         self._tenancy = tenancy or Tenancy()
-        self._local = {"health": self._health, "usage": self._usage, "openapi": self._openapi, "console": self._console}
+        self._local: dict[str, Callable[[Exchange], Awaitable[None]]] = {
+            "health": self._health,
+            "usage": self._usage,
+            "openapi": self._openapi,
+            "console": self._console,
+        }
         self._contract: dict[str, Any] | None = None
         self._engine_app: ASGIApp | None = None
         self._engine_ready: Callable[[], bool] = lambda: False
@@ -116,18 +137,17 @@ class Gateway:
             return
         if scope["type"] != "http":
             return  # lifespan belongs to BentoML
-        # Ours, never the client's: vLLM names its engine request after it (X-Request-Id).
-        request_id = secrets.token_hex(12)
         request = Incoming(scope, receive)
         route, params = routes.find(request.path) or (None, {})
-        record = Record(request_id, request.method, routes.label(route), self._clock())
-        reply = Relay(send, request_id, route.dialect if route else errors.OPENAI, engine_alive=lambda: self.ready)
+        # Ours, never the client's: vLLM names its engine request after it (X-Request-Id).
+        record = Record(secrets.token_hex(12), request.method, routes.label(route), self._clock())
+        reply = Reply(send, record, route.dialect if route else errors.OPENAI)
         try:
-            await self._serve(route, params, request, reply, record)
+            await self._serve(Exchange(request, reply, record, route, params))
         except OpenAIError as error:
             await reply.fail(error)
         except ClientDisconnected:
-            reply.client_left()
+            record.end(errors.CLIENT_CLOSED_REQUEST)
         except Exception:
             logger.exception("unhandled error id=%s route=%s", record.request_id, record.route)
             await reply.fail(errors.internal_error())
@@ -135,44 +155,40 @@ class Gateway:
             await reply.finish()
             request.close()
             if route is None or not route.open:
-                record.status, record.outcome = reply.status, reply.outcome
                 observe(record, self._metrics, self._clock() - record.started)
 
-    async def _serve(
-        self, route: routes.Route | None, params: dict[str, str], request: Incoming, reply: Relay, record: Record
-    ) -> None:
+    async def _serve(self, exchange: Exchange) -> None:
+        request, route = exchange.request, exchange.route
         if route is None:
             raise errors.not_found(request.path)
         if request.method not in route.methods:
             raise errors.method_not_allowed(request.method, request.path, route.methods)
-        record.client_request_id = request.client_request_id()
+        exchange.record.client_request_id = request.client_request_id()
         if route.open and route.local is not None:
-            return await self._local[route.local](None, reply, params)
+            return await self._local[route.local](exchange)
         principal = self._keyring.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if principal is None:
             raise errors.invalid_api_key()
-        record.key = principal.name
+        exchange.principal, exchange.record.key = principal, principal.name
         if principal.expires_at is not None and self._wall_clock() >= principal.expires_at:
             raise errors.key_expired()
         if route.refusal is not None:
             raise route.refusal()
         if route.local is not None:
-            return await self._local[route.local](principal, reply, params)
-        if not self.ready or self._engine_app is None:
+            return await self._local[route.local](exchange)
+        if not self.ready:
             raise errors.not_ready()
-        owned = self._tenancy.headers(principal, record.request_id)
+        model = None
         if request.method == "POST":
             body = await request.read_json(self._settings.server.max_body_bytes)
-            reply.model = self._check_model(principal, body)
+            model = self._check_model(principal, body)
             if route.api is not None:
-                scope = request.engine_scope(headers=owned, drop=CLIENT_HEADERS)
-                return await self._generate(route.api, body, principal, scope, request, reply, record)
+                return await self._generate(exchange, route.api, body, model)
             request.replace_body(body)
-        if route.answer is not None:
-            answer = route.answer
-            reply.transform = lambda data: answer(data, params, principal)
-        scope = request.engine_scope(route.engine_path, headers=owned, drop=CLIENT_HEADERS)
-        await self._engine_app(scope, request.engine_receive, reply.engine_send)
+        answer, params = route.answer, exchange.params
+        transform = None if answer is None else (lambda data: answer(data, params, principal))
+        relay = Relay(exchange.reply, model=model, transform=transform, engine_alive=lambda: self.ready)
+        await self._engine(exchange, relay, route.engine_path)
 
     def _check_model(self, principal: Principal, body: Any) -> str:
         """The model the request names (vLLM's default: the base model), if the key may use
@@ -183,110 +199,104 @@ class Gateway:
             raise errors.model_not_found(model)
         return model
 
-    async def _generate(
-        self,
-        api: Api,
-        body: Any,
-        principal: Principal,
-        scope: Scope,
-        request: Incoming,
-        reply: Relay,
-        record: Record,
-    ) -> None:
-        max_model_len = self._settings.model.max_model_len
+    async def _generate(self, exchange: Exchange, api: Api, body: Any, model: str) -> None:
+        principal, max_model_len = exchange.principal, self._settings.model.max_model_len
+        assert principal is not None
         api.validate(body)
         sequences = api.sequences(body, self._settings.server.max_n)
         self._tenancy.claim(body, principal)
-        reply.meter = meter = api.meter(body)
-        reply.hold_end = True  # released below, once the tokens are settled
-        request.replace_body(body)
+        meter = api.meter(body)
+        exchange.request.replace_body(body)
         reservation = await self._limits.admit(principal, api.estimate(body, max_model_len))
-        reply.headers.update(reservation.headers)
+        exchange.reply.add_headers(reservation.headers)
+        # The answer's end waits for its tokens to be settled (below).
+        relay = Relay(exchange.reply, meter, model=model, hold_end=True, engine_alive=lambda: self.ready)
         try:
-            await self._run(principal, scope, request, reply, record.started, sequences)
+            await self._run(exchange, relay, sequences)
         finally:
-            if meter.tokens is not None:
-                record.tokens = meter.tokens
-            elif request.delivered and not reply.engine_refused:
-                # Cut short, so vLLM sent no usage: charge the prompt and what was streamed,
-                # or leaving early would be a way around the key's token limits.
-                record.tokens = api.prompt_tokens(body, max_model_len) + meter.token_events
-            else:
-                record.tokens = 0
-            await self._limits.settle(reservation, record.tokens)
-            await reply.release()
+            fate = Fate.of(exchange.request.delivered, relay.refused)
+            exchange.record.tokens = charge(meter, fate, lambda: api.prompt_tokens(body, max_model_len))
+            await self._limits.settle(reservation, exchange.record.tokens)
+            await relay.release()
 
-    async def _run(
-        self, principal: Principal, scope: Scope, request: Incoming, reply: Relay, started: float, sequences: int
-    ) -> None:
+    async def _run(self, exchange: Exchange, relay: Relay, sequences: int) -> None:
         """Wait for a slot (one per sequence the request asks for), run the engine, and stop it
         when the client leaves or time is up."""
-        limits = self._settings.admission
-        waiting_since = self._clock()
-
-        async def admitted_and_served() -> None:
-            async with contextlib.AsyncExitStack() as stack:
-                with self._metrics.waiting.track_inprogress():
-                    await stack.enter_async_context(
-                        self._admission.slot(
-                            principal.name,
-                            priority=principal.priority,
-                            key_max_concurrency=principal.max_concurrency,
-                            timeout_s=limits.queue_timeout_s,
-                            weight=sequences,
-                        )
-                    )
-                self._metrics.queue_wait.observe(self._clock() - waiting_since)
-                with self._metrics.running.track_inprogress():
-                    assert self._engine_app is not None
-                    await self._engine_app(scope, request.engine_receive, reply.engine_send)
-
-        work = asyncio.create_task(admitted_and_served())
+        request, limit_s = exchange.request, self._settings.admission.request_timeout_s
+        work = asyncio.create_task(self._admit_and_serve(exchange, relay, sequences))
         gone = asyncio.create_task(request.disconnected.wait())
-        remaining = limits.request_timeout_s - (self._clock() - started)
+        remaining = limit_s - (self._clock() - exchange.record.started)
         try:
             await asyncio.wait({work, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if work.done():
             return work.result()  # re-raises the queue's refusal and anything unexpected
-        await self._abandon(work, request, reply)
+        await self._abandon(work, request, relay)
         if request.disconnected.is_set():
             raise ClientDisconnected
-        raise errors.request_timeout(limits.request_timeout_s)
+        raise errors.request_timeout(limit_s)
+
+    async def _admit_and_serve(self, exchange: Exchange, relay: Relay, sequences: int) -> None:
+        principal = exchange.principal
+        assert principal is not None
+        waiting_since = self._clock()
+        async with contextlib.AsyncExitStack() as stack:
+            with self._metrics.waiting.track_inprogress():
+                await stack.enter_async_context(
+                    self._admission.slot(
+                        principal.name,
+                        priority=principal.priority,
+                        key_max_concurrency=principal.max_concurrency,
+                        timeout_s=self._settings.admission.queue_timeout_s,
+                        weight=sequences,
+                    )
+                )
+            self._metrics.queue_wait.observe(self._clock() - waiting_since)
+            with self._metrics.running.track_inprogress():
+                await self._engine(exchange, relay)
+
+    async def _engine(self, exchange: Exchange, relay: Relay, path: str | None = None) -> None:
+        """The engine's app, on the request as the engine may see it (``path``: the engine's own)."""
+        assert self._engine_app is not None and exchange.principal is not None
+        owned = self._tenancy.headers(exchange.principal, exchange.record.request_id)
+        scope = exchange.request.engine_scope(path, headers=owned, drop=CLIENT_HEADERS)
+        await self._engine_app(scope, exchange.request.engine_receive, relay.send)
 
     @staticmethod
-    async def _abandon(work: asyncio.Task[None], request: Incoming, reply: Relay) -> None:
+    async def _abandon(work: asyncio.Task[None], request: Incoming, relay: Relay) -> None:
         """Stop the engine's work on this request: vLLM aborts a request when its client
         disconnects (it runs handlers in their own task, so cancelling ours is not enough)."""
-        reply.detach()
+        relay.detach()
         request.cut_off()
         if request.delivered:
             await asyncio.wait({work}, timeout=ABORT_GRACE_S)
         work.cancel()  # still queued, or slow to abort: no-op if it already finished
         await asyncio.gather(work, return_exceptions=True)
 
-    async def _health(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:
+    async def _health(self, exchange: Exchange) -> None:
         if not self.ready:
             raise errors.not_ready()
-        await reply.respond(200, {"status": "ok", "model": self._settings.model.served_name})
+        await exchange.reply.respond(200, {"status": "ok", "model": self._settings.model.served_name})
 
-    async def _openapi(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:
+    async def _openapi(self, exchange: Exchange) -> None:
         if self._contract is None:
             engine_openapi = getattr(self._engine_app, "openapi", None)
             self._contract = contract.document(engine_openapi() if callable(engine_openapi) else {})
-        await reply.respond(200, self._contract)
+        await exchange.reply.respond(200, self._contract)
 
-    async def _console(self, _: Principal | None, reply: Relay, params: dict[str, str]) -> None:
-        found = console.page(params.get("file", "index.html"))
+    async def _console(self, exchange: Exchange) -> None:
+        found = console.page(exchange.params.get("file", "index.html"))
         if found is None:
-            raise errors.not_found("/console/" + params.get("file", ""))
+            raise errors.not_found("/console/" + exchange.params.get("file", ""))
         body, content_type = found
-        await reply.respond_raw(200, body, {**console.HEADERS, "content-type": content_type})
+        await exchange.reply.respond_raw(200, body, {**console.HEADERS, "content-type": content_type})
 
-    async def _usage(self, principal: Principal | None, reply: Relay, params: dict[str, str]) -> None:
-        assert principal is not None
-        await reply.respond(200, usage_json(principal, await self._limits.standing(principal)))
+    async def _usage(self, exchange: Exchange) -> None:
+        assert exchange.principal is not None
+        await exchange.reply.respond(
+            200, usage_json(exchange.principal, await self._limits.standing(exchange.principal))
+        )
 
 
 # What a browser page on an allowed origin may send and read (the SDKs add their own headers).

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Literal
 
 from . import errors
 from .auth import Principal
+from .clock import WallClock, wall_time
 from .errors import OpenAIError
 from .ledger import Charge, Count, Hold, Ledger, StorageUnavailable, Tally
 from .windows import Window, seconds_until_fits, used
@@ -76,7 +76,7 @@ class Limits:
         self,
         ledger: Ledger,
         request_timeout_s: float,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: WallClock = wall_time,
         on_storage_failure: OnStorage = "refuse",
         storage_state: Callable[[bool], None] = lambda up: None,
     ) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message
 
 
 @dataclass
@@ -79,3 +79,29 @@ async def call(
     await app(scope, receive, send)
     headers_out = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}
     return Reply(start.get("status", 0), headers_out, b"".join(chunks), chunks)
+
+
+class Sent:
+    """An ASGI ``send`` that keeps every message, read back as the client saw them."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def __call__(self, message: Message) -> None:
+        self.messages.append(message)
+
+    @property
+    def start(self) -> Message:
+        return next(m for m in self.messages if m["type"] == "http.response.start")
+
+    @property
+    def status(self) -> int:
+        return int(self.start["status"])
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode().lower(): v.decode() for k, v in self.start["headers"]}
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")

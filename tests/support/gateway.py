@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing, hash_key
+from hermes_serve.clock import WallClock, wall_time
 from hermes_serve.config import Settings, parse_settings
 from hermes_serve.gateway import Gateway
 from hermes_serve.ledger import Ledger, MemoryLedger
@@ -31,7 +30,7 @@ def build(
     engine: FakeEngine | None = None,
     *,
     registry: CollectorRegistry | None = None,
-    wall_clock: Callable[[], float] = time.time,
+    wall_clock: WallClock = wall_time,
     ledger: Ledger | None = None,
     **overrides: Any,
 ) -> tuple[Gateway, FakeEngine, Settings]:

@@ -9,6 +9,7 @@ import pytest
 
 from hermes_serve.admission import AdmissionQueue, AdmissionStats, FairQueue, Waiter
 from hermes_serve.errors import OpenAIError
+from tests.support.virtual import elapse, until
 
 
 def drain(queue: FairQueue) -> list[str]:
@@ -58,9 +59,9 @@ async def hold(queue: AdmissionQueue, key: str, release: asyncio.Event, log: lis
         await release.wait()
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
+async def logged(log: list[str], count: int) -> None:
+    """Until ``count`` holders have had their slot."""
+    await until(lambda: len(log) == count)
 
 
 async def test_cap_is_respected_and_slots_are_handed_on_in_fair_order() -> None:
@@ -68,13 +69,13 @@ async def test_cap_is_respected_and_slots_are_handed_on_in_fair_order() -> None:
     log: list[str] = []
     gates = {name: asyncio.Event() for name in ["a1", "a2", "a3", "b1", "first"]}
     first = asyncio.create_task(hold(queue, "first", gates["first"], log))
-    await settle()
+    await logged(log, 1)
     tasks = [asyncio.create_task(hold(queue, name[0], gates[name], log)) for name in ["a1", "a2", "a3", "b1"]]
-    await settle()
-    assert queue.stats().running == 1 and queue.stats().waiting == 4
+    await until(lambda: queue.stats().waiting == 4)
+    assert queue.stats().running == 1
     gates["first"].set()
-    for gate in ["a1", "b1", "a2", "a3"]:
-        await settle()
+    for holders, gate in enumerate(["a1", "b1", "a2", "a3"], start=2):
+        await logged(log, holders)
         gates[gate].set()
     await asyncio.gather(first, *tasks)
     assert log == ["first", "a", "b", "a", "a"]
@@ -86,7 +87,7 @@ async def test_queue_full_is_503_with_retry_after() -> None:
     release = asyncio.Event()
     running = asyncio.create_task(hold(queue, "a", release, []))
     queued = asyncio.create_task(hold(queue, "a", release, []))
-    await settle()
+    await until(lambda: queue.stats().waiting == 1)
     with pytest.raises(OpenAIError) as refused:
         async with queue.slot("b"):
             pass
@@ -100,11 +101,14 @@ async def test_waiting_too_long_is_504_and_leaves_the_queue() -> None:
     queue = AdmissionQueue(max_concurrency=1, max_queue=5)
     release = asyncio.Event()
     running = asyncio.create_task(hold(queue, "a", release, []))
-    await settle()
+    await until(lambda: queue.stats().running == 1)
+    waited_from = asyncio.get_running_loop().time()
     with pytest.raises(OpenAIError) as timed_out:
-        async with queue.slot("b", timeout_s=0.05):
+        async with queue.slot("b", timeout_s=30):
             pass
     assert timed_out.value.status == 504 and timed_out.value.code == "queue_timeout"
+    assert asyncio.get_running_loop().time() - waited_from == pytest.approx(30), "exactly its limit"
+    assert "waited 30s" in timed_out.value.message
     assert queue.stats().waiting == 0
     release.set()
     await running
@@ -115,14 +119,14 @@ async def test_cancelled_waiter_frees_its_place_and_no_slot_leaks() -> None:
     release = asyncio.Event()
     log: list[str] = []
     running = asyncio.create_task(hold(queue, "a", release, log))
-    await settle()
+    await logged(log, 1)
     gone = asyncio.create_task(hold(queue, "gone", release, log))
-    await settle()
+    await until(lambda: queue.stats().waiting == 1)
     gone.cancel()
     await asyncio.gather(gone, return_exceptions=True)
     assert queue.stats().waiting == 0
     after = asyncio.create_task(hold(queue, "after", release, log))  # the queue place is free
-    await settle()
+    await until(lambda: queue.stats().waiting == 1)
     release.set()
     await asyncio.gather(running, after)
     assert log == ["a", "after"] and queue.stats().running == 0
@@ -133,7 +137,7 @@ async def test_per_key_cap_lets_other_keys_past() -> None:
     release = asyncio.Event()
     log: list[str] = []
     tasks = [asyncio.create_task(hold(queue, k, release, log, key_max_concurrency=1)) for k in "aab"]
-    await settle()
+    await logged(log, 2)
     assert log == ["a", "b"] and queue.stats().waiting_by_key == {"a": 1}
     release.set()
     await asyncio.gather(*tasks)
@@ -187,7 +191,7 @@ async def test_a_storm_of_arrivals_time_outs_and_cancellations_keeps_the_bounds(
                 peak = max(peak, holding)
                 assert key_cap is None or by_key[key] <= key_cap
                 try:
-                    await asyncio.sleep(rnd.choice([0, 0.001, 0.005, 0.01]))
+                    await elapse(rnd.choice([0, 0.001, 0.005, 0.01]))
                 finally:
                     holding -= held
                     by_key[key] -= key_held
@@ -197,7 +201,7 @@ async def test_a_storm_of_arrivals_time_outs_and_cancellations_keeps_the_bounds(
     for i in range(200):
         tasks.append(asyncio.create_task(one(i)))
         if rnd.random() < 0.3:
-            await asyncio.sleep(rnd.choice([0, 0.001, 0.003]))
+            await elapse(rnd.choice([0, 0.001, 0.003]))
         if rnd.random() < 0.2:
             loop.call_later(rnd.choice([0, 0.001, 0.005, 0.01]), rnd.choice(tasks).cancel)
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -217,11 +221,11 @@ async def test_a_request_holds_a_slot_per_sequence() -> None:
         asyncio.create_task(hold(queue, name, gates[name], log, weight=weight))
         for name, weight in [("three", 3), ("two", 2), ("one", 1)]
     ]
-    await settle()
+    await logged(log, 2)
     # "two" does not fit beside "three"; "one" does, and passes it (as a key at its cap is passed).
     assert log == ["three", "one"] and queue.stats().running == 4 and queue.stats().waiting_by_key == {"two": 1}
     gates["three"].set()
-    await settle()
+    await logged(log, 3)
     assert log == ["three", "one", "two"] and queue.stats().running == 3
     for gate in gates.values():
         gate.set()
@@ -234,15 +238,15 @@ async def test_a_request_heavier_than_the_cap_runs_alone_rather_than_never() -> 
     gates = {name: asyncio.Event() for name in ("small", "heavy", "late")}
     log: list[str] = []
     small = asyncio.create_task(hold(queue, "small", gates["small"], log))
-    await settle()
+    await logged(log, 1)
     heavy = asyncio.create_task(hold(queue, "heavy", gates["heavy"], log, weight=5))
-    await settle()
-    assert log == ["small"] and queue.stats().waiting == 1
+    await until(lambda: queue.stats().waiting == 1)
+    assert log == ["small"]
     gates["small"].set()
-    await settle()
+    await logged(log, 2)
     assert log == ["small", "heavy"] and queue.stats().running == 2, "the whole cap, not 5"
     late = asyncio.create_task(hold(queue, "late", gates["late"], log))
-    await settle()
+    await until(lambda: queue.stats().waiting == 1)
     assert log == ["small", "heavy"], "nothing beside it"
     gates["heavy"].set()
     gates["late"].set()
@@ -258,14 +262,14 @@ async def test_a_keys_cap_counts_its_sequences_and_a_request_heavier_than_it_run
     first = asyncio.create_task(hold(queue, "a", gates[0], log, weight=3, **mine))
     second = asyncio.create_task(hold(queue, "a", gates[1], log, weight=2, **mine))
     other = asyncio.create_task(hold(queue, "b", gates[2], log, weight=2, **mine))
-    await settle()
+    await logged(log, 2)
     assert log == ["a", "b"] and queue.stats().waiting_by_key == {"a": 1} and queue.stats().running == 5
     heavy = asyncio.create_task(hold(queue, "a", gates[3], log, weight=6, **mine))
     gates[0].set()
-    await settle()
+    await logged(log, 3)
     assert log == ["a", "b", "a"] and queue.stats().waiting_by_key == {"a": 1}, "6 waits for its key to empty"
     gates[1].set()
-    await settle()
+    await logged(log, 4)
     # It holds its key's whole cap (4), and all its 6 sequences of the engine's 10.
     assert log == ["a", "b", "a", "a"] and queue.stats().running == 2 + 6
     for gate in gates:

@@ -1,14 +1,19 @@
-"""The engine's arguments per profile, checked through vLLM's own parser (no engine started)."""
+"""The engine's arguments per profile, checked through vLLM's own parser (no engine started);
+its watchdog, over the scripted engine on virtual time."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from hermes_serve.config import SettingsError, load_settings, parse_settings
-from hermes_serve.engine import engine_cli_args, engine_environment
+from hermes_serve.engine import MAX_RESTARTS, RESTART_WINDOW_S, Engine, engine_cli_args, engine_environment
+from tests.support import asgi
+from tests.support.virtual import elapse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,3 +134,45 @@ def test_cpu_preload_skips_and_says_what_is_missing(
     monkeypatch.setattr("sys.prefix", str(tmp_path))
     assert "LD_PRELOAD" not in engine_environment(parse_settings({"model": {"cpu_preload": True}}), {})
     assert "libtcmalloc-minimal4" in caplog.text and "intel-openmp" in caplog.text
+
+
+# --- the watchdog: a dead engine is started again, within a budget ---------------------------
+
+
+async def kill(app: Any) -> None:
+    """The scripted engine dies as vLLM's does: under a request, which gets vLLM's 500."""
+    body = {"messages": [{"role": "user", "content": "[[die]]"}]}
+    assert (await asgi.call(app, "POST", "/v1/chat/completions", body)).status == 500
+
+
+SPACING_S = RESTART_WINDOW_S / MAX_RESTARTS  # deaths this far apart never exhaust the budget
+
+
+@pytest.mark.parametrize(("apart_s", "stops"), [(1, True), (SPACING_S - 1, True), (SPACING_S, False)])
+async def test_a_dead_engine_starts_again_until_it_dies_too_often_in_the_window(
+    apart_s: float, stops: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One death more than MAX_RESTARTS within RESTART_WINDOW_S stops the worker; a death that
+    has left the window no longer counts. On virtual time, the window's edge is exact."""
+    monkeypatch.setattr(Engine, "_note_exit_signals", lambda self: None)  # pytest keeps its handlers
+    outcomes: asyncio.Queue[str] = asyncio.Queue()
+    engine = Engine(
+        parse_settings({}),
+        on_fatal=lambda: outcomes.put_nowait("stopped"),
+        on_restarted=lambda app: outcomes.put_nowait("restarted"),
+    )
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    noticed: list[float] = []
+    try:
+        await engine.start("fake://")
+        for _ in range(MAX_RESTARTS + 1):
+            await elapse(apart_s - 0.5)  # half a second before the watchdog's look that sees it
+            await kill(engine.app)
+            seen.append(await outcomes.get())
+            noticed.append(loop.time())
+        assert seen == ["restarted"] * MAX_RESTARTS + ["stopped" if stops else "restarted"]
+        assert [t - noticed[0] for t in noticed] == pytest.approx([i * apart_s for i in range(MAX_RESTARTS + 1)])
+        assert engine.ready is not stops
+    finally:
+        await engine.stop()

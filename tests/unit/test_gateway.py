@@ -22,6 +22,7 @@ from hermes_serve.request import MAX_JSON_DEPTH
 from tests.support.asgi import Reply
 from tests.support.fake_engine import MODEL_ROOT, USAGE, FakeEngine
 from tests.support.gateway import KEY, build, call
+from tests.support.virtual import until
 
 CHAT = "/v1/chat/completions"
 HELLO = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -111,13 +112,17 @@ async def test_stream_usage_event_is_hidden_unless_asked_and_tokens_are_charged(
     assert after.headers["x-ratelimit-remaining-tokens"] == str(expected)
 
 
+def waiting(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("hermes_waiting_requests")
+
+
 async def test_queue_full_is_503_and_queue_wait_is_504() -> None:
     registry = CollectorRegistry()
-    gateway, _, _ = build(FakeEngine(delay_s=0.2), registry=registry)
+    gateway, engine, _ = build(FakeEngine(delay_s=0.2), registry=registry)
     running = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
-    await asyncio.sleep(0.05)
+    await until(lambda: engine.running == 1)
     queued = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
-    await asyncio.sleep(0.05)
+    await until(lambda: waiting(registry) == 1)
     refused = await call(gateway, "POST", CHAT, HELLO)
     assert refused.status == 503 and refused.error["code"] == "server_overloaded"
     assert int(refused.headers["retry-after"]) >= 1
@@ -128,10 +133,14 @@ async def test_queue_full_is_503_and_queue_wait_is_504() -> None:
 
 
 async def test_request_timeout_before_first_byte_is_504_and_aborts() -> None:
-    gateway, engine, _ = build(FakeEngine(delay_s=1.0))
+    registry = CollectorRegistry()
+    gateway, engine, settings = build(FakeEngine(delay_s=1.0), registry=registry)
     reply = await call(gateway, "POST", CHAT, HELLO)
     assert reply.status == 504 and reply.error["code"] == "request_timeout"
     assert engine.cancelled == 1 and engine.running == 0
+    # One clock: the deadline and the duration measured against it agree, exactly.
+    took = registry.get_sample_value("hermes_request_duration_seconds_sum", {"route": CHAT})
+    assert took == pytest.approx(settings.admission.request_timeout_s)
 
 
 async def test_request_timeout_mid_stream_sends_an_error_frame_and_aborts() -> None:
@@ -172,7 +181,7 @@ async def test_a_stream_cut_short_is_charged_its_prompt_and_streamed_tokens() ->
 async def test_client_disconnect_while_queued_frees_the_place() -> None:
     gateway, engine, _ = build(FakeEngine(delay_s=0.1), admission={"queue_timeout_s": 10, "request_timeout_s": 30})
     running = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
-    await asyncio.sleep(0.05)
+    await until(lambda: engine.running == 1)
     gave_up = await call(gateway, "POST", CHAT, HELLO, disconnect_after_s=0.05)  # while queued
     assert gave_up.status == 499 and gave_up.error["code"] == "client_closed_request"
     third = await call(gateway, "POST", CHAT, HELLO)  # the queue place is free again
@@ -373,6 +382,15 @@ async def test_method_not_allowed_says_which_are() -> None:
     assert reply.status == 405 and reply.headers["allow"] == "POST"
 
 
+@pytest.mark.parametrize("path", [CHAT, "/v1/messages/count_tokens"])
+async def test_the_engine_is_told_the_length_of_the_body_it_reads(path: str) -> None:
+    gateway, engine, _ = build()
+    asked = ASK[MESSAGES] if path.startswith("/v1/messages") else HELLO
+    assert (await call(gateway, "POST", path, {**asked, "cache_salt": "x" * 300})).status == 200
+    rewritten = json.dumps(engine.bodies[-1], ensure_ascii=False).encode()
+    assert engine.headers[-1]["content-length"] == str(len(rewritten))
+
+
 async def test_the_engine_gets_the_gateways_request_id_never_the_clients() -> None:
     gateway, engine, _ = build()
     reply = await call(gateway, "POST", CHAT, HELLO, headers={"x-request-id": "client-chosen"})
@@ -391,14 +409,17 @@ def keyring(*keys: dict[str, Any]) -> KeyRing:
 
 async def test_new_keys_apply_at_once_and_a_removed_keys_queued_requests_are_refused() -> None:
     other = "hs-other-key"
+    registry = CollectorRegistry()
     gateway, engine, _ = build(
-        FakeEngine(delay_s=0.1, chunks=5), admission={"queue_timeout_s": 10, "request_timeout_s": 30}
+        FakeEngine(delay_s=0.1, chunks=5),
+        registry=registry,
+        admission={"queue_timeout_s": 10, "request_timeout_s": 30},
     )
     assert (await call(gateway, "POST", CHAT, HELLO, key=other)).status == 401
     running = asyncio.create_task(call(gateway, "POST", CHAT, {**HELLO, "stream": True}))
-    await asyncio.sleep(0.05)
+    await until(lambda: engine.running == 1)
     queued = asyncio.create_task(call(gateway, "POST", CHAT, HELLO))
-    await asyncio.sleep(0.05)
+    await until(lambda: waiting(registry) == 1)
     gateway.use_keys(keyring({"name": "other", "sha256": hash_key(other)}))  # "team" is gone
     refused = await queued
     assert (
@@ -710,7 +731,6 @@ def test_every_refusal_in_the_table_is_provoked_below() -> None:
     assert set(PROVOKE) == errors.REFUSALS, "a new refusal needs a way to provoke it here"
 
 
-@pytest.mark.looptime  # the queue's and the request's time limits pass on virtual time
 @pytest.mark.parametrize("code", sorted(errors.REFUSALS))
 async def test_every_refusal_is_answered_and_counted_under_its_code(code: str) -> None:
     registry = CollectorRegistry()
@@ -809,7 +829,6 @@ async def test_n_is_capped_by_server_max_n(path: str, extra: dict[str, Any], cod
     assert (await call(capped, "POST", path, {**ASK[path], "n": 3})).error["param"] == "n"
 
 
-@pytest.mark.looptime
 async def test_a_request_holds_an_engine_slot_per_sequence() -> None:
     # Two slots, no queue: a request asking for n=2 leaves no room for another.
     gateway, gate = gated(CollectorRegistry(), admission={"max_concurrency": 2, "max_queue": 0})

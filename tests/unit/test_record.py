@@ -1,4 +1,4 @@
-"""One record per request: what it counts, and the log line it becomes."""
+"""One record per request: what it is charged, what it counts, and the log line it becomes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from hermes_serve import errors
+from hermes_serve.apis import Meter
 from hermes_serve.metrics import GatewayMetrics
-from hermes_serve.record import Record, observe
+from hermes_serve.record import Fate, Record, charge, observe
 from tests.support.servers import REPO
 
 OPERATIONS = (REPO / "docs" / "operations.md").read_text()
@@ -59,3 +60,51 @@ def test_the_log_line_has_both_ids_and_the_clients_cannot_pass_for_other_fields(
         "status=200 outcome=ok tokens=12 duration_ms=250"
     )
     assert none.startswith("id=rid client_request_id=- key=team ")
+
+
+# --- what a generation is charged ------------------------------------------------------------
+
+PROMPT = 40  # the request's prompt estimate
+
+
+@pytest.mark.parametrize(
+    ("reported", "streamed", "delivered", "refused", "charged"),
+    [
+        (15, 3, True, False, 15),  # the engine's usage, streamed or whole
+        (0, 0, True, False, 0),  # even none: what it reports is what it used
+        (None, 3, True, False, PROMPT + 3),  # cut short mid-stream: no usage came
+        (None, 0, True, False, PROMPT),  # cut short before its first token
+        (None, 0, True, True, 0),  # the engine refused it (an error answer)
+        (None, 0, False, False, 0),  # the engine never read it (queued, timed out, left)
+    ],
+)
+def test_a_generation_is_charged_by_what_the_engine_reported_and_how_far_it_got(
+    reported: int | None, streamed: int, delivered: bool, refused: bool, charged: int
+) -> None:
+    meter = Meter()
+    meter.tokens, meter.token_events = reported, streamed
+    asked: list[bool] = []
+
+    def prompt_tokens() -> int:
+        asked.append(True)
+        return PROMPT
+
+    assert charge(meter, Fate.of(delivered, refused), prompt_tokens) == charged
+    assert asked == ([True] if reported is None and delivered and not refused else []), "worked out if needed only"
+
+
+@pytest.mark.parametrize(
+    ("codes", "outcome"),
+    [
+        ([], "ok"),
+        (["request_timeout"], "request_timeout"),
+        (["engine_failed", "client_closed_request"], "client_closed_request"),  # it left: it left
+        (["client_closed_request", "internal_error"], "client_closed_request"),
+        (["queue_timeout", "internal_error"], "queue_timeout"),  # the first end is the outcome
+    ],
+)
+def test_the_first_end_is_the_outcome_but_a_client_that_left_is_one_that_left(codes: list[str], outcome: str) -> None:
+    record = Record("rid", "POST", "/v1/chat/completions", 0.0)
+    for code in codes:
+        record.end(code)
+    assert record.outcome == outcome

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 from pathlib import Path
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from hermes_serve.config import Settings, load_settings
 from hermes_serve.metrics import GatewayMetrics
 from hermes_serve.reload import ConfigWatcher, needing_restart, watch
+from tests.support.virtual import elapse
 
 SHA = "b" * 64
 
@@ -74,23 +76,20 @@ async def test_settings_outside_auth_are_named_as_needing_a_restart(
 
 
 async def test_the_file_is_watched_and_sighup_reloads(config: Path) -> None:
-    applied: list[Settings] = []
-    watcher = watcher_for(config, applied, CollectorRegistry())
-    stop = watch(watcher, interval_s=0.05)
+    load = functools.partial(load_settings, {"HERMES_CONFIG": str(config)})
+    applied: asyncio.Queue[Settings] = asyncio.Queue()
+    watcher = ConfigWatcher(config, load, applied.put, load(), GatewayMetrics(CollectorRegistry()))
+    loop = asyncio.get_running_loop()
+    stop = watch(watcher, interval_s=5)
     try:
-        await asyncio.sleep(0.15)
-        assert applied == [], "an unchanged file is not reloaded"
+        await elapse(16)  # three looks at the file, on virtual time
+        assert applied.empty(), "an unchanged file is not reloaded"
         write(config, f"{{name: c, sha256: '{SHA}'}}")
-        for _ in range(40):
-            await asyncio.sleep(0.05)
-            if applied:
-                break
-        assert [k.name for k in applied[-1].auth.keys] == ["c"]
+        changed_at = loop.time()
+        assert [k.name for k in (await applied.get()).auth.keys] == ["c"]
+        assert loop.time() - changed_at == pytest.approx(4), "at the next look"
         os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(40):
-            await asyncio.sleep(0.05)
-            if len(applied) == 2:
-                break
-        assert len(applied) == 2
+        await applied.get()
+        assert applied.empty()
     finally:
         stop()
