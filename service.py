@@ -19,6 +19,7 @@ from hermes_serve import errors
 from hermes_serve.admission import AdmissionQueue
 from hermes_serve.auth import KeyRing
 from hermes_serve.bentoml_patches import label_traffic_metrics_by_route
+from hermes_serve.clock import wall_time
 from hermes_serve.config import Settings, config_path, load_settings
 from hermes_serve.engine import Engine
 from hermes_serve.gateway import Front, Gateway, with_cors
@@ -29,6 +30,9 @@ from hermes_serve.models import adapter_paths, resolve_model_path
 from hermes_serve.patches import warn_outside_ranges
 from hermes_serve.reload import ConfigWatcher, watch
 from hermes_serve.supervisor import forward_sighup
+from hermes_serve.usage import budgets
+from hermes_serve.usage.store import open_store
+from hermes_serve.usage.writer import Writer, report
 
 logger = logging.getLogger("hermes_serve")
 # In `bentoml serve`'s own process (the supervisor), SIGHUP then reloads keys, not workers.
@@ -70,8 +74,9 @@ class HermesService:
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.limits: Limits | None = None
+        self.usage: Writer | None = None
         self.stop_watching: Callable[[], None] = lambda: None
-        self.sampler: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
     @bentoml.on_startup
     async def start(self) -> None:
@@ -88,14 +93,38 @@ class HermesService:
                 flush=True,
             )
         metrics = GatewayMetrics()
+        counters = ledger_for(settings.limits_storage)
         self.limits = Limits(
-            ledger_for(settings.limits_storage),
+            counters,
             settings.admission.request_timeout_s,
             on_storage_failure=settings.limits_on_storage_failure,
             storage_state=metrics.limits_storage_up.set,
         )
         admission = AdmissionQueue(settings.admission.max_concurrency, settings.admission.max_queue)
-        gateway = Gateway(settings, keyring, self.limits, admission, metrics)
+        store = open_store(settings.usage_store_url(os.environ))
+        if store is not None:
+            spill = settings.state_path(os.environ) / "usage-spill.jsonl"
+            self.usage = usage = Writer(store, spill, retention_days=settings.usage.retention_days)
+            await usage.start()
+            self.tasks.append(
+                asyncio.create_task(
+                    report(
+                        usage,
+                        metrics.usage_queue,
+                        metrics.usage_rows_written,
+                        metrics.usage_write_failures,
+                        metrics.usage_rows_spilled,
+                    )
+                )
+            )
+            # Before the first request: a restart must not give a key its day's budget back.
+            await budgets.check(counters, store, keyring.principals, wall_time(), usage.flush)
+        gateway = Gateway(settings, keyring, self.limits, admission, metrics, usage=self.usage)
+        if store is not None:
+            principals = lambda: gateway.keyring.principals  # noqa: E731
+            self.tasks.append(
+                asyncio.create_task(budgets.keep_restored(counters, store, principals, flush=usage.flush))
+            )
         front.gateway, front.app = gateway, with_cors(gateway, settings.server.cors_origins)
 
         def restarted(app: Any) -> None:  # the engine died and runs again
@@ -109,12 +138,14 @@ class HermesService:
         async def apply(new: Settings) -> None:  # a reloaded configuration file
             await engine.use_adapters(adapter_paths(new))
             gateway.use_keys(KeyRing.from_settings(new.auth, os.environ, reloading=gateway.keyring))
+            if store is not None:  # a budget given to a key today counts what it already spent
+                await budgets.restore(counters, store, gateway.keyring.principals, wall_time())
 
         watcher = ConfigWatcher(
             config_path(os.environ, Path.cwd()), lambda: load_settings(os.environ), apply, settings, metrics
         )
         self.stop_watching = watch(watcher, settings.auth.reload_interval_s)
-        self.sampler = asyncio.create_task(sample_event_loop(metrics.event_loop_tasks))
+        self.tasks.append(asyncio.create_task(sample_event_loop(metrics.event_loop_tasks)))
         app = await engine.start(resolve_model_path(settings.model.source), adapter_paths(settings))
         gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models)
         logger.info("serving %s", ", ".join(sorted(engine.served_models)))
@@ -122,10 +153,12 @@ class HermesService:
     @bentoml.on_shutdown
     async def stop(self) -> None:
         self.stop_watching()
-        if self.sampler is not None:
-            self.sampler.cancel()
+        for task in self.tasks:
+            task.cancel()
         if self.engine is not None:
             await self.engine.stop()
+        if self.usage is not None:  # after the last request: every row written, or spilled for the next start
+            await self.usage.close()
         if self.limits is not None:
             await self.limits.close()
 

@@ -9,11 +9,43 @@ where the engine reports what it really used: in a JSON answer, and in a stream,
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from . import errors
 
 BYTES_PER_TOKEN = 4  # a deliberate over-estimate of tokens for English-like text
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens one request used: its prompt (``cached`` of them found in the prefix cache) and
+    its output."""
+
+    input: int = 0
+    cached: int = 0
+    output: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def openai_usage(usage: Any, prompt: str = "prompt_tokens", output: str = "completion_tokens") -> Usage | None:
+    """OpenAI's usage object (chat, completions; the Responses API names its fields apart)."""
+    if not isinstance(usage, dict):
+        return None
+    got_input, got_output = _int(usage.get(prompt)), _int(usage.get(output))
+    if got_input is None or got_output is None:
+        total = _int(usage.get("total_tokens"))
+        return None if total is None else Usage(input=total)
+    details = usage.get(f"{prompt}_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return Usage(got_input, cached or 0, got_output)
 
 
 class Meter:
@@ -30,8 +62,13 @@ class Meter:
     """What starts the engine's own error event in a stream (it failed mid-answer)."""
 
     def __init__(self) -> None:
-        self.tokens: int | None = None
+        self.usage: Usage | None = None
         self.token_events = 0
+
+    @property
+    def tokens(self) -> int | None:
+        """All the tokens the engine reported (None until it has)."""
+        return None if self.usage is None else self.usage.total
 
     def feed(self, chunk: bytes) -> bool:
         self.token_events += chunk.count(self.token_event)
@@ -43,14 +80,11 @@ class Meter:
         except ValueError:
             return
         if isinstance(answer, dict):
-            self.tokens = self.total(answer.get("usage"))
+            self.usage = self.parse(answer.get("usage"))
 
     @staticmethod
-    def total(usage: Any) -> int | None:
-        if not isinstance(usage, dict):
-            return None
-        total = usage.get("total_tokens")
-        return total if isinstance(total, int) else None
+    def parse(usage: Any) -> Usage | None:
+        return openai_usage(usage)
 
 
 class ChatMeter(Meter):
@@ -81,8 +115,12 @@ class ResponsesMeter(Meter):
             data = _event_data(chunk)
             response = data.get("response") if isinstance(data, dict) else None
             if isinstance(response, dict):
-                self.tokens = self.total(response.get("usage"))
+                self.usage = self.parse(response.get("usage"))
         return super().feed(chunk)
+
+    @staticmethod
+    def parse(usage: Any) -> Usage | None:
+        return openai_usage(usage, "input_tokens", "output_tokens")
 
 
 class MessagesMeter(Meter):
@@ -90,36 +128,33 @@ class MessagesMeter(Meter):
 
     token_event = b"delta\ndata: "  # event: content_block_delta
     error_event = b"event: error"
-    _input = 0
+    _prompt = Usage()
 
     def feed(self, chunk: bytes) -> bool:
         if chunk.startswith(b"event: message_start"):
             message = _event_data(chunk).get("message")
-            self._input = _anthropic_prompt(message.get("usage") if isinstance(message, dict) else None) or 0
+            self._prompt = _anthropic_prompt(message.get("usage") if isinstance(message, dict) else None) or Usage()
         elif chunk.startswith(b"event: message_delta"):
             usage = _event_data(chunk).get("usage")
-            output = usage.get("output_tokens") if isinstance(usage, dict) else None
-            if isinstance(output, int):
-                self.tokens = self._input + output
+            output = _int(usage.get("output_tokens")) if isinstance(usage, dict) else None
+            if output is not None:
+                self.usage = Usage(self._prompt.input, self._prompt.cached, output)
         return super().feed(chunk)
 
     @staticmethod
-    def total(usage: Any) -> int | None:
-        return _anthropic_total(usage)
+    def parse(usage: Any) -> Usage | None:
+        prompt = _anthropic_prompt(usage)
+        output = _int(usage.get("output_tokens")) if isinstance(usage, dict) else None
+        return None if prompt is None or output is None else Usage(prompt.input, prompt.cached, output)
 
 
-def _anthropic_prompt(usage: Any) -> int | None:
+def _anthropic_prompt(usage: Any) -> Usage | None:
     """Anthropic counts cached prompt tokens apart from ``input_tokens``: all are prompt."""
-    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
+    if not isinstance(usage, dict) or _int(usage.get("input_tokens")) is None:
         return None
     fields = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-    return sum(value for name in fields if isinstance(value := usage.get(name), int))
-
-
-def _anthropic_total(usage: Any) -> int | None:
-    prompt = _anthropic_prompt(usage)
-    output = usage.get("output_tokens") if isinstance(usage, dict) else None
-    return None if prompt is None or not isinstance(output, int) else prompt + output
+    prompt = sum(value for name in fields if (value := _int(usage.get(name))) is not None)
+    return Usage(input=prompt, cached=_int(usage.get("cache_read_input_tokens")) or 0)
 
 
 def _event_data(chunk: bytes) -> Any:
@@ -183,6 +218,15 @@ class Api:
         """The meter for this request's answer; may change ``body`` so the engine reports usage."""
         return Meter()
 
+    def end_user(self, body: dict[str, Any]) -> str | None:
+        """The app's own id for the person behind the request, where it names one (OpenAI's
+        ``safety_identifier``, or the older ``user``)."""
+        for field in ("safety_identifier", "user"):
+            value = body.get(field)
+            if isinstance(value, str) and value:
+                return value
+        return None
+
 
 class ChatCompletions(Api):
     name = "chat"
@@ -242,7 +286,7 @@ class Responses(Api):
 
     def meter(self, body: dict[str, Any]) -> Meter:
         body["store"] = False
-        return ResponsesMeter() if body.get("stream") else Meter()
+        return ResponsesMeter()  # its usage fields, in a stream's last event or the whole answer
 
 
 class Messages(Api):
@@ -254,6 +298,11 @@ class Messages(Api):
 
     def meter(self, body: dict[str, Any]) -> Meter:
         return MessagesMeter()
+
+    def end_user(self, body: dict[str, Any]) -> str | None:
+        metadata = body.get("metadata")
+        value = metadata.get("user_id") if isinstance(metadata, dict) else None
+        return value if isinstance(value, str) and value else None
 
 
 CHAT = ChatCompletions()

@@ -45,6 +45,8 @@ class Principal:
     models: frozenset[str] | None = None
     """The models it may use; None: all."""
     cache_group: str | None = None
+    admin: bool = False
+    """May read every key's usage."""
 
     @classmethod
     def of(cls, key: ApiKey) -> Principal:
@@ -55,7 +57,9 @@ class Principal:
         )
         expires = key.expires_at.timestamp() if key.expires_at is not None else None
         models = frozenset(key.models) if key.models is not None else None
-        return cls(key.name, windows, key.max_concurrency, key.priority, expires, models, key.share_cache_with)
+        return cls(
+            key.name, windows, key.max_concurrency, key.priority, expires, models, key.share_cache_with, key.admin
+        )
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -119,10 +123,15 @@ class KeyRing:
         generated = reloading.generated_key if reloading is not None else new_key()
         if generated is None:
             return cls([])
-        return cls([(bytes.fromhex(hash_key(generated)), Principal("generated"))], generated_key=generated)
+        # The operator's own key on a fresh install: it may read all usage there is.
+        return cls([(bytes.fromhex(hash_key(generated)), Principal("generated", admin=True))], generated_key=generated)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def principals(self) -> list[Principal]:
+        return [principal for _, principal in self._entries]
 
     def unknown_models(self, served: frozenset[str]) -> dict[str, list[str]]:
         """Model names keys list that nothing serves: adapters come and go while keys stay."""

@@ -138,6 +138,8 @@ class ApiKey(_Section):
     """the models (base or adapters) it may use; `null`: all"""
     share_cache_with: str | None = None
     """a group name: keys of one group share cached prompt prefixes (otherwise each key has its own)"""
+    admin: bool = False
+    """may read every key's usage (`/v1/organization/usage/completions`, the console's team charts)"""
 
     @field_validator("expires_at")
     @classmethod
@@ -190,6 +192,18 @@ class ServerSettings(_Section):
     """browser origins allowed to call the API (`["https://app.example.com"]`); empty: none (CORS closed)"""
 
 
+class UsageSettings(_Section):
+    store: str = ""
+    """where every request is recorded: `sqlite:///path`, `postgresql://user:pass@host/db` (several replicas: one database), or `none`; empty: SQLite in `state_dir`"""
+    retention_days: float = Field(90, gt=0)
+    """per-request rows are pruned after this many days; the hourly rollups (budgets, usage API) are kept"""
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """BentoML's home (where the models live too), so a container's one volume keeps both."""
+    return Path(environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "hermes-serve"
+
+
 class Settings(_Section):
     device: Literal["cpu", "gpu"] = "cpu"
     """`cpu` or `gpu`: which engine settings apply"""
@@ -201,6 +215,16 @@ class Settings(_Section):
     limits_on_storage_failure: Literal["refuse", "allow"] = "refuse"
     """while that storage is unreachable, keys with limits are refused (503, budgets hold) or `allow`ed uncounted (their usage is counted when it is back)"""
     server: ServerSettings = ServerSettings()
+    usage: UsageSettings = UsageSettings()
+    state_dir: str = ""
+    """what must survive a restart (the SQLite usage ledger, its spill file); one per replica; empty: `$BENTOML_HOME/hermes-serve`"""
+
+    def state_path(self, environ: Mapping[str, str]) -> Path:
+        return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir(environ)
+
+    def usage_store_url(self, environ: Mapping[str, str]) -> str:
+        """``usage.store``, or the SQLite file in the state directory."""
+        return self.usage.store or f"sqlite:///{self.state_path(environ) / 'usage.db'}"
 
 
 def reference(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str, str]]:

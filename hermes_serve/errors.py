@@ -85,6 +85,9 @@ CODES: dict[str, Code] = {
         "invalid_request_error",
         "`X-Client-Request-Id` is not 1 to 512 printable ASCII characters, or is sent twice",
     ),
+    "invalid_value": Code(
+        400, INVALID, "invalid_request_error", "a usage API parameter it cannot serve (`param` says which)"
+    ),
     "invalid_api_key": Code(
         401,
         INVALID,
@@ -93,7 +96,11 @@ CODES: dict[str, Code] = {
         refusal=True,
         headers=AUTHENTICATE,
     ),
+    "insufficient_permissions": Code(
+        403, INVALID, "permission_error", "a key that is not `admin` asked for another key's usage"
+    ),
     "not_found": Code(404, INVALID, "not_found_error", "no such route"),
+    "usage_not_recorded": Code(404, INVALID, "not_found_error", "the usage API, with `usage.store: none`"),
     "model_not_found": Code(
         404, INVALID, "not_found_error", "no such `model`, or one the key may not use (the same answer)"
     ),
@@ -142,6 +149,9 @@ CODES: dict[str, Code] = {
         "the limits storage is unreachable and the key has limits",
         retry_after=5,
         refusal=True,
+    ),
+    "usage_unavailable": Code(
+        503, SERVER, "api_error", "the usage store did not answer a read (requests go on)", retry_after=5
     ),
     "engine_failed": Code(
         503, SERVER, "api_error", "the engine failed mid-stream (an error event ends the stream)", retry_after=5
@@ -385,6 +395,22 @@ def limits_unavailable() -> OpenAIError:
         "limits_unavailable",
         "This key's limits cannot be checked: their shared storage is unreachable. Retry shortly.",
     )
+
+
+def invalid_value(message: str, param: str) -> OpenAIError:
+    return _error("invalid_value", message, param=param)
+
+
+def usage_of_other_keys() -> OpenAIError:
+    return _error("insufficient_permissions", "This key may read its own usage only (api_key_ids names another key).")
+
+
+def usage_not_recorded() -> OpenAIError:
+    return _error("usage_not_recorded", "Usage is not recorded on this server (usage.store is none).")
+
+
+def usage_unavailable() -> OpenAIError:
+    return _error("usage_unavailable", "The usage store did not answer. Retry shortly.")
 
 
 def engine_failed() -> OpenAIError:

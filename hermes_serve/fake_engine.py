@@ -14,6 +14,7 @@ A request picks its behaviour with directives anywhere in its prompt:
 | (none) | a normal answer of ``DEFAULT_TOKENS`` tokens (or ``max_tokens``, if fewer) |
 | ``[[tokens=N]]`` | N tokens (still capped by the request's own output cap) |
 | ``[[ms-per-token=N]]`` | N ms between tokens |
+| ``[[cached=N]]`` | N of the prompt's tokens reported as found in the prefix cache (at most all of them) |
 | ``[[hold]]`` | one token, then held open until the client leaves or the server stops (a gate, not a sleep) |
 | ``[[gate=NAME]]`` | one token, then held until the file NAME exists in the ``gates`` folder, then the rest |
 | ``[[fail-before]]`` | vLLM's 500 before any output |
@@ -80,6 +81,7 @@ class Script:
 
     tokens: int = DEFAULT_TOKENS
     ms_per_token: int = 0
+    cached: int = 0
     hold: bool = False
     gate: str | None = None
     fail_before: bool = False
@@ -93,6 +95,7 @@ class Script:
         return cls(
             tokens=max(1, min(tokens, cap) if cap else tokens),
             ms_per_token=_number(found.get("ms-per-token"), 0),
+            cached=_number(found.get("cached"), 0),
             hold="hold" in found,
             gate=found.get("gate") or None,
             fail_before="fail-before" in found,
@@ -382,6 +385,7 @@ class Answer:
         n = body.get("n")
         self.choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
         self.prompt_tokens = _count(prompt)
+        self.cached_tokens = min(script.cached, self.prompt_tokens)
         self.generated = 0
         self.failed: str | None = None
         self.finish_reason = "length"
@@ -397,11 +401,11 @@ class Answer:
     def usage(self) -> dict[str, Any]:
         output = self.generated * self.choices
         if self.path == "/v1/messages":
-            return {"input_tokens": self.prompt_tokens, "output_tokens": output}
+            return self.anthropic_usage(output)
         if self.path == "/v1/responses":
             return {
                 "input_tokens": self.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens},
                 "output_tokens": output,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt_tokens + output,
@@ -410,8 +414,13 @@ class Answer:
             "prompt_tokens": self.prompt_tokens,
             "total_tokens": self.prompt_tokens + output,
             "completion_tokens": output,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+
+    def anthropic_usage(self, output: int) -> dict[str, Any]:
+        """vLLM's Anthropic usage: cached prompt tokens apart from ``input_tokens``."""
+        usage = {"input_tokens": self.prompt_tokens - self.cached_tokens, "output_tokens": output}
+        return usage | ({"cache_read_input_tokens": self.cached_tokens} if self.cached_tokens else {})
 
     # --- a whole answer ---------------------------------------------------------------------
 
@@ -469,7 +478,7 @@ class Answer:
             message = self.whole() | {
                 "content": [],
                 "stop_reason": None,
-                "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0},
+                "usage": self.anthropic_usage(0),
             }
             return [
                 _named("message_start", {"type": "message_start", "message": message}),
@@ -544,7 +553,7 @@ class Answer:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-                    "usage": {"input_tokens": self.prompt_tokens, "output_tokens": self.generated},
+                    "usage": self.anthropic_usage(self.generated),
                 },
             ),
             _named("message_stop", {"type": "message_stop"}),

@@ -28,12 +28,14 @@ from .config import Settings
 from .errors import OpenAIError
 from .limits import Limits
 from .metrics import GatewayMetrics
-from .record import Fate, Record, charge, observe
+from .record import Fate, Record, charge, observe, usage_row
 from .relay import Relay
 from .reply import Reply
 from .request import ClientDisconnected, Incoming
 from .tenancy import CLIENT_HEADERS, Tenancy
-from .usage import usage_json
+from .usage import reports
+from .usage.standing import usage_json
+from .usage.writer import Writer
 
 logger = logging.getLogger("hermes_serve.access")
 
@@ -70,6 +72,7 @@ class Gateway:
         clock: Clock = loop_time,
         wall_clock: WallClock = wall_time,
         tenancy: Tenancy | None = None,
+        usage: Writer | None = None,
     ) -> None:
         self._settings = settings
         self._keyring = keyring
@@ -79,9 +82,11 @@ class Gateway:
         self._clock = clock
         self._wall_clock = wall_clock
         self._tenancy = tenancy or Tenancy()
+        self._usage = usage
         self._local: dict[str, Callable[[Exchange], Awaitable[None]]] = {
             "health": self._health,
-            "usage": self._usage,
+            "usage": self._key_usage,
+            "organization_usage": self._organization_usage,
             "openapi": self._openapi,
             "console": self._console,
         }
@@ -141,6 +146,7 @@ class Gateway:
         route, params = routes.find(request.path) or (None, {})
         # Ours, never the client's: vLLM names its engine request after it (X-Request-Id).
         record = Record(secrets.token_hex(12), request.method, routes.label(route), self._clock())
+        record.started_at = self._wall_clock()
         reply = Reply(send, record, route.dialect if route else errors.OPENAI)
         try:
             await self._serve(Exchange(request, reply, record, route, params))
@@ -156,6 +162,8 @@ class Gateway:
             request.close()
             if route is None or not route.open:
                 observe(record, self._metrics, self._clock() - record.started)
+                if self._usage is not None:
+                    self._usage.record(usage_row(record, self._wall_clock()))
 
     async def _serve(self, exchange: Exchange) -> None:
         request, route = exchange.request, exchange.route
@@ -181,7 +189,7 @@ class Gateway:
         model = None
         if request.method == "POST":
             body = await request.read_json(self._settings.server.max_body_bytes)
-            model = self._check_model(principal, body)
+            model = exchange.record.model = self._check_model(principal, body)
             if route.api is not None:
                 return await self._generate(exchange, route.api, body, model)
             request.replace_body(body)
@@ -202,12 +210,15 @@ class Gateway:
     async def _generate(self, exchange: Exchange, api: Api, body: Any, model: str) -> None:
         principal, max_model_len = exchange.principal, self._settings.model.max_model_len
         assert principal is not None
+        exchange.record.api = api.name
         api.validate(body)
+        exchange.record.end_user = api.end_user(body)
         sequences = api.sequences(body, self._settings.server.max_n)
         self._tenancy.claim(body, principal)
         meter = api.meter(body)
         exchange.request.replace_body(body)
         reservation = await self._limits.admit(principal, api.estimate(body, max_model_len))
+        exchange.record.admitted = True
         exchange.reply.add_headers(reservation.headers)
         # The answer's end waits for its tokens to be settled (below).
         relay = Relay(exchange.reply, meter, model=model, hold_end=True, engine_alive=lambda: self.ready)
@@ -215,8 +226,8 @@ class Gateway:
             await self._run(exchange, relay, sequences)
         finally:
             fate = Fate.of(exchange.request.delivered, relay.refused)
-            exchange.record.tokens = charge(meter, fate, lambda: api.prompt_tokens(body, max_model_len))
-            await self._limits.settle(reservation, exchange.record.tokens)
+            used = exchange.record.usage = charge(meter, fate, lambda: api.prompt_tokens(body, max_model_len))
+            await self._limits.settle(reservation, used.total)
             await relay.release()
 
     async def _run(self, exchange: Exchange, relay: Relay, sequences: int) -> None:
@@ -252,7 +263,8 @@ class Gateway:
                         weight=sequences,
                     )
                 )
-            self._metrics.queue_wait.observe(self._clock() - waiting_since)
+            exchange.record.queue_wait_s = self._clock() - waiting_since
+            self._metrics.queue_wait.observe(exchange.record.queue_wait_s)
             with self._metrics.running.track_inprogress():
                 await self._engine(exchange, relay)
 
@@ -292,11 +304,45 @@ class Gateway:
         body, content_type = found
         await exchange.reply.respond_raw(200, body, {**console.HEADERS, "content-type": content_type})
 
-    async def _usage(self, exchange: Exchange) -> None:
-        assert exchange.principal is not None
-        await exchange.reply.respond(
-            200, usage_json(exchange.principal, await self._limits.standing(exchange.principal))
-        )
+    async def _key_usage(self, exchange: Exchange) -> None:
+        """The calling key's limits as they stand, and what it used this day and month."""
+        principal = exchange.principal
+        assert principal is not None
+        standing = await self._limits.standing(principal)
+        used = None
+        if self._usage is not None:
+            used = await self._read_usage(reports.key_usage, self._usage.store, principal.name, self._wall_clock())
+        await exchange.reply.respond(200, usage_json(principal, standing, used))
+
+    async def _organization_usage(self, exchange: Exchange) -> None:
+        """OpenAI's usage API. An admin key sees every key; any other key only itself."""
+        principal = exchange.principal
+        assert principal is not None
+        if self._usage is None:
+            raise errors.usage_not_recorded()
+        query = exchange.request.query_pairs()
+        if not principal.admin:
+            asked = [v for k, v in query if k.removesuffix("[]") == "api_key_ids"]
+            if any(name != principal.name for name in asked):
+                raise errors.usage_of_other_keys()
+            query = [(k, v) for k, v in query if k.removesuffix("[]") != "api_key_ids"] + [
+                ("api_key_ids", principal.name)
+            ]
+        try:
+            page = await self._read_usage(reports.completions_usage_query, self._usage.store, query, self._wall_clock())
+        except reports.UsageQueryError as exc:
+            raise errors.invalid_value(str(exc), exc.param) from None
+        await exchange.reply.respond(200, page)
+
+    @staticmethod
+    async def _read_usage(read: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(read, *args)
+        except reports.UsageQueryError:
+            raise
+        except Exception as exc:
+            logger.warning("usage store did not answer a read: %s", type(exc).__name__)
+            raise errors.usage_unavailable() from None
 
 
 # What a browser page on an allowed origin may send and read (the SDKs add their own headers).

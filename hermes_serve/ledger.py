@@ -83,6 +83,18 @@ end
 return 0
 """
 
+_RAISE = """
+for i = 1, #KEYS do
+  local floor = tonumber(ARGV[2 * i - 1])
+  if floor > tonumber(redis.call('GET', KEYS[i]) or '0') then
+    redis.call('SET', KEYS[i], floor, 'EX', ARGV[2 * i])
+  end
+end
+return 0
+"""
+RESTORED = "hermes:budgets-restored"
+"""Set once the budgets' counters were rebuilt from the usage ledger: gone with a flush."""
+
 
 class StorageUnavailable(Exception):
     """The shared storage did not answer (down, unreachable, or slower than its timeout)."""
@@ -127,6 +139,13 @@ class Ledger(Protocol):
     async def admit(self, key: str, charges: list[Charge], hold: Hold | None, now: float) -> Tally: ...
     async def settle(self, key: str, hold_id: str, used_tokens: int, windows: list[Window], now: float) -> None: ...
     async def read(self, key: str, windows: list[Window], now: float) -> Tally: ...
+    async def raise_to(self, key: str, floors: list[tuple[Window, int]], now: float) -> None:
+        """Lifts each window's current count to at least its floor (a rebuilt budget)."""
+
+    async def restored(self) -> bool:
+        """Whether the budgets were rebuilt into this storage since it was last emptied."""
+
+    async def mark_restored(self) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -147,6 +166,7 @@ class RedisLedger:
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
+        self._raise = self._redis.register_script(_RAISE)
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError
@@ -187,6 +207,29 @@ class RedisLedger:
         keys = _held_keys(key) + [_counter(key, w, s.current) for w, s in token_slots]
         await self._call(self._settle, keys, [hold_id, used_tokens, *(s.ttl_s for _, s in token_slots)])
 
+    async def raise_to(self, key: str, floors: list[tuple[Window, int]], now: float) -> None:
+        keys, args = [], []
+        for window, floor in floors:
+            slot = slots(window, now)
+            keys.append(_counter(key, window, slot.current))
+            args += [floor, slot.ttl_s]
+        if keys:
+            await self._call(self._raise, keys, args)
+
+    async def restored(self) -> bool:
+        return bool(await self._command(self._redis.exists, RESTORED))
+
+    async def mark_restored(self) -> None:
+        await self._command(self._redis.set, RESTORED, 1)
+
+    async def _command(self, command: Any, *args: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await command(*args)
+        except (RedisError, OSError) as exc:
+            raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from None
+
     async def close(self) -> None:
         await self._redis.aclose()
 
@@ -198,6 +241,7 @@ class MemoryLedger:
     _counters: dict[str, int] = field(default_factory=dict)
     _expiries: list[tuple[float, str]] = field(default_factory=list)
     _holds: dict[str, dict[str, Hold]] = field(default_factory=dict)
+    _restored: bool = False
 
     async def admit(self, key: str, charges: list[Charge], hold: Hold | None, now: float) -> Tally:
         return self._run(key, charges, hold, now, apply=True)
@@ -240,6 +284,20 @@ class MemoryLedger:
                 if window.unit == "tokens":
                     slot = slots(window, now)
                     self._add(_counter(key, window, slot.current), used_tokens, now + slot.ttl_s)
+
+    async def raise_to(self, key: str, floors: list[tuple[Window, int]], now: float) -> None:
+        self._expire(now)
+        for window, floor in floors:
+            slot = slots(window, now)
+            counter = _counter(key, window, slot.current)
+            if floor > self._counters.get(counter, 0):
+                self._add(counter, floor - self._counters.get(counter, 0), now + slot.ttl_s)
+
+    async def restored(self) -> bool:
+        return self._restored
+
+    async def mark_restored(self) -> None:
+        self._restored = True
 
     async def close(self) -> None:
         pass

@@ -78,6 +78,24 @@ class GatewayMetrics:
             multiprocess_mode="livesum",
         )
 
+        self.usage_queue = Gauge(
+            "hermes_usage_queue_rows",
+            "Usage rows recorded and not yet in the usage store (in memory or in the spill file).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.usage_rows_written = Counter(
+            "hermes_usage_rows_written", "Usage rows committed to the usage store.", registry=registry
+        )
+        self.usage_write_failures = Counter(
+            "hermes_usage_write_failures", "Batches the usage store did not take (kept and retried).", registry=registry
+        )
+        self.usage_rows_spilled = Counter(
+            "hermes_usage_rows_spilled",
+            "Usage rows appended to the local spill file while the store was down or slow.",
+            registry=registry,
+        )
+
 
 async def sample_event_loop(gauge: Gauge, interval_s: float = 5.0) -> None:
     """Keep ``gauge`` at the number of asyncio tasks alive (a leak shows as a slope)."""

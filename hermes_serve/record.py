@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import errors
-from .apis import Meter
+from .apis import Meter, Usage
 from .metrics import GatewayMetrics
+from .usage.store import UsageRow
 
 logger = logging.getLogger("hermes_serve.access")
 
@@ -29,10 +30,25 @@ class Record:
     """The status the client was sent."""
     outcome: str = "ok"
     """"ok", or the code of the error the request ended with."""
-    tokens: int | None = None
+    usage: Usage | None = None
     """Tokens charged to the key (generation routes only)."""
     client_request_id: str | None = None
     """The client's own id for the request (``X-Client-Request-Id``), beside ours; never the engine's."""
+    started_at: float = 0.0
+    """When it arrived, on the wall clock (UTC epoch seconds): for the usage ledger."""
+    model: str = ""
+    """The model or adapter it named, once the key may use it."""
+    api: str | None = None
+    """The generation API (``apis.Api.name``), for generations."""
+    end_user: str | None = None
+    """The app's own id for the person behind the request, where the request names one."""
+    queue_wait_s: float = 0.0
+    admitted: bool = False
+    """Whether the key's limits let it in (it counts in the key's request windows)."""
+
+    @property
+    def tokens(self) -> int | None:
+        return None if self.usage is None else self.usage.total
 
     def end(self, code: str) -> None:
         """The request ends with the error ``code``. The first such end is its outcome, but a
@@ -55,16 +71,16 @@ class Fate(enum.Enum):
         return cls.REFUSED if refused else cls.RAN
 
 
-def charge(meter: Meter, fate: Fate, prompt_tokens: Callable[[], int]) -> int:
+def charge(meter: Meter, fate: Fate, prompt_tokens: Callable[[], int]) -> Usage:
     """The tokens a generation is charged: what the engine reported using; else, for one the
     engine ran but which was cut short (so it reported nothing), its prompt estimate and the
     tokens already streamed, or leaving early would be a way around the key's limits; else
     none. ``prompt_tokens`` is only worked out for a request cut short."""
-    if meter.tokens is not None:
-        return meter.tokens
+    if meter.usage is not None:
+        return meter.usage
     if fate is Fate.RAN:
-        return prompt_tokens() + meter.token_events
-    return 0
+        return Usage(input=prompt_tokens(), output=meter.token_events)
+    return Usage()
 
 
 def observe(record: Record, metrics: GatewayMetrics, duration_s: float) -> None:
@@ -88,4 +104,26 @@ def observe(record: Record, metrics: GatewayMetrics, duration_s: float) -> None:
         record.outcome,
         record.tokens,
         duration_s * 1000,
+    )
+
+
+def usage_row(record: Record, ended_at: float) -> UsageRow:
+    """The record as the usage ledger keeps it: names and numbers only."""
+    usage = record.usage or Usage()
+    return UsageRow(
+        request_id=record.request_id,
+        started=record.started_at,
+        ended=ended_at,
+        key=record.key,
+        model=record.model,
+        api=record.api,
+        status=record.status,
+        outcome=record.outcome,
+        input_tokens=usage.input,
+        cached_input_tokens=usage.cached,
+        output_tokens=usage.output,
+        queue_wait_s=record.queue_wait_s,
+        client_request_id=record.client_request_id,
+        end_user=record.end_user,
+        admitted=record.admitted,
     )

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders, QueryParams
 from starlette.types import Message, Receive, Scope
 
 from . import errors
@@ -75,6 +75,10 @@ class Incoming:
             raise errors.nesting_too_deep(MAX_JSON_DEPTH)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_disconnect())
         return body
+
+    def query_pairs(self) -> list[tuple[str, str]]:
+        """The query string's (name, value) pairs, repeats kept, in order."""
+        return QueryParams(self.scope.get("query_string", b"")).multi_items()
 
     def client_request_id(self) -> str | None:
         """The client's own id for this request (OpenAI's ``X-Client-Request-Id``), if it sent

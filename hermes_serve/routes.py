@@ -83,6 +83,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/detokenize", POST),
     Route("/version", GET),
     Route("/v1/usage", GET, local="usage"),
+    Route("/v1/organization/usage/completions", GET, local="organization_usage"),
     Route("/health", GET, local="health", open=True),
     Route("/openapi.json", GET, local="openapi", open=True),
     Route("/", GET, local="console", open=True),

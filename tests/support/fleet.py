@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from tests.support import servers
+from tests.support.postgres import BINDIR, PostgresServer
 from tests.support.redis import RedisServer
 from tests.support.servers import REPO, Server
 
@@ -57,6 +58,16 @@ FAULT_KEYS: dict[str, dict[str, Any]] = {
 }
 REPLICA_KEYS: dict[str, dict[str, Any]] = {"tester": {}, "held": {"tokens_per_minute": 2_000}}
 SINGLE_KEYS: dict[str, dict[str, Any]] = {"tester": {}, "other": {}}
+LEDGER_KEYS: dict[str, dict[str, Any]] = {
+    "tester": {},
+    "admin": {"admin": True},
+    "other": {},
+    "daily": {"tokens_per_day": 100_000, "requests_per_day": 10_000},  # a day budget both replicas hold
+}
+KEPT_KEYS: dict[str, dict[str, Any]] = {
+    "tester": {},
+    "daily": {"tokens_per_day": 100_000, "requests_per_day": 10_000},  # kept across a restart
+}
 ENGINE_KEYS: dict[str, dict[str, Any]] = {
     "tester": {},
     "meter": {"tokens_per_minute": 1_000_000},  # test_accounting's alone: its charges are exact
@@ -84,6 +95,9 @@ class Fleet:
     gateway: dict[str, Server] = field(default_factory=dict)
     engine: Server | None = None
     redises: dict[str, RedisServer] = field(default_factory=dict)
+    postgres: PostgresServer | None = None
+    ledger_url: str = ""
+    """The ledger pair's database."""
     problem: str | None = None
     """Why a tier's servers could not start (reported by its fixtures)."""
 
@@ -114,6 +128,17 @@ class Fleet:
         self._single("queue-wait", {"admission": {**one, "queue_timeout_s": 1, "request_timeout_s": 600}})
         self._single("queue-full", {"admission": {**one, "queue_timeout_s": 600, "request_timeout_s": 600}})
         self._single("mortal", {}, start_gate=True)
+        # The usage ledger: the default (SQLite in the state directory, memory:// limits), and a
+        # pair writing one Postgres over one Redis.
+        self._single("kept", {}, names=KEPT_KEYS)
+        if not (BINDIR / "initdb").exists():
+            self.problem = f"Postgres is not installed ({BINDIR}/initdb; apt-get install postgresql)"
+            return
+        self.postgres = PostgresServer()
+        self.postgres.start()
+        ledger = self._redis("ledger", start=True)
+        self.ledger_url = self.postgres.create_database()
+        self._pair("ledger", LEDGER_KEYS, {"limits_storage": ledger.url, "usage": {"store": self.ledger_url}})
 
     def _redis(self, name: str, start: bool) -> RedisServer:
         assert self.redis_binary is not None
@@ -152,9 +177,15 @@ class Fleet:
             server.gates = folder / "gates"
             self.gateway[f"{name}-{i}"] = server
 
-    def _single(self, name: str, settings: dict[str, Any], start_gate: bool = False) -> None:
+    def _single(
+        self,
+        name: str,
+        settings: dict[str, Any],
+        start_gate: bool = False,
+        names: dict[str, dict[str, Any]] = SINGLE_KEYS,
+    ) -> None:
         folder = self.workdir / name
-        keys, stanzas = _keys(SINGLE_KEYS, name)
+        keys, stanzas = _keys(names, name)
         gate = folder / "gates" / "engine-start"
         config = self._section(folder, stanzas, settings, f"&start_gate={gate}" if start_gate else "")
         if start_gate:
@@ -222,6 +253,8 @@ class Fleet:
         left = [f"processes {pids}"] if pids else []
         for redis in self.redises.values():
             redis.stop()
+        if self.postgres is not None:
+            self.postgres.remove()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return left
 

@@ -154,6 +154,29 @@ def start(
     return Server(f"http://127.0.0.1:{port}", keys, log, process, config, environment or {})
 
 
+def restart(server: Server, kill: bool = False) -> Server:
+    """The same server started again (its configuration, home and state directory) after
+    SIGTERM, or after SIGKILL of every one of its processes (no shutdown hook runs)."""
+    if kill:
+        for process in process_tree(server):
+            process.kill()
+        server.process.wait(timeout=30)
+    else:
+        stop(server)
+    assert server.config is not None
+    workdir = server.log.parent
+    models = workdir / "bentoml" / "models"
+    again = start(
+        server.config,
+        workdir,
+        server.keys,
+        models=models.resolve() if models.is_symlink() else None,
+        environment=server.environment,
+    )
+    again.gates, again.model_dir = server.gates, server.model_dir
+    return again
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
     """Poll ``condition`` (an observable state: a metric, a status) until true or ``timeout``."""
     deadline = time.monotonic() + timeout

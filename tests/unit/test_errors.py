@@ -121,6 +121,10 @@ EVERY_FACTORY = [
     errors.engine_failed(),
     errors.queue_timeout(10, 3),
     errors.request_timeout(60),
+    errors.invalid_value("limit must be between 1 and 31 for bucket_width=1d.", "limit"),
+    errors.usage_of_other_keys(),
+    errors.usage_not_recorded(),
+    errors.usage_unavailable(),
 ]
 
 

@@ -477,6 +477,7 @@ async def test_usage_shows_the_calling_keys_own_standing() -> None:
         "key": "free",
         "expires_at": None,
         "limits": {},
+        "usage": None,  # this gateway records no usage
     }
     assert (await call(gateway, "GET", "/v1/usage", key=None)).status == 401
 

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from hermes_serve import errors
-from hermes_serve.apis import Meter
+from hermes_serve.apis import Meter, Usage
 from hermes_serve.metrics import GatewayMetrics
 from hermes_serve.record import Fate, Record, charge, observe
 from tests.support.servers import REPO
@@ -52,7 +52,7 @@ def test_the_log_line_has_both_ids_and_the_clients_cannot_pass_for_other_fields(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.INFO, logger="hermes_serve.access"):
-        observed("ok", client_request_id='job-7 key=admin "x"', tokens=12)
+        observed("ok", client_request_id='job-7 key=admin "x"', usage=Usage(input=7, cached=3, output=5))
         observed("ok")
     theirs, none = (record.getMessage() for record in caplog.records)
     assert theirs == (
@@ -82,14 +82,14 @@ def test_a_generation_is_charged_by_what_the_engine_reported_and_how_far_it_got(
     reported: int | None, streamed: int, delivered: bool, refused: bool, charged: int
 ) -> None:
     meter = Meter()
-    meter.tokens, meter.token_events = reported, streamed
+    meter.usage, meter.token_events = None if reported is None else Usage(input=reported), streamed
     asked: list[bool] = []
 
     def prompt_tokens() -> int:
         asked.append(True)
         return PROMPT
 
-    assert charge(meter, Fate.of(delivered, refused), prompt_tokens) == charged
+    assert charge(meter, Fate.of(delivered, refused), prompt_tokens).total == charged
     assert asked == ([True] if reported is None and delivered and not refused else []), "worked out if needed only"
 
 

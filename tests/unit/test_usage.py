@@ -1,4 +1,4 @@
-"""The operators' view, `python -m hermes_serve.usage`, run for real against the shared Redis."""
+"""The operators' view of limits, `python -m hermes_serve.usage limits`, run for real against the shared Redis."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SHA = "c" * 64
 def run_cli(config: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")} | {"HERMES_CONFIG": str(config)}
     return subprocess.run(
-        [sys.executable, "-m", "hermes_serve.usage"], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "hermes_serve.usage", "limits"], cwd=REPO, env=env, capture_output=True, text=True
     )
 
 

@@ -1,6 +1,5 @@
-"""What a key has used and has left: ``GET /v1/usage`` for the calling key, and
-``python -m hermes_serve.usage`` for operators (every configured key, read from the shared
-storage). Prometheus (``hermes_tokens_total``) keeps the history.
+"""A key's limits as they stand: in ``GET /v1/usage`` for the calling key, and for operators
+``python -m hermes_serve.usage limits`` (every configured key, read from the shared storage).
 """
 
 from __future__ import annotations
@@ -13,10 +12,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .auth import Principal
-from .config import SettingsError, load_settings
-from .ledger import ledger_for
-from .limits import Limits, Standing
+from ..auth import Principal
+from ..config import SettingsError, load_settings
+from ..ledger import ledger_for
+from ..limits import Limits, Standing
+from .reports import KeyUsage
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -35,13 +35,15 @@ def window_json(standing: Standing) -> dict[str, Any]:
     }
 
 
-def usage_json(principal: Principal, standings: list[Standing]) -> dict[str, Any]:
-    """The calling key's own standing: each limit and budget, and when the key expires."""
+def usage_json(principal: Principal, standings: list[Standing], used: KeyUsage | None = None) -> dict[str, Any]:
+    """The calling key's own standing: each limit and budget, when the key expires, and what it
+    used this UTC day and month per model (``None`` when the server records no usage)."""
     return {
         "object": "usage",
         "key": principal.name,
         "expires_at": iso(principal.expires_at),
         "limits": {s.window.setting: window_json(s) for s in standings},
+        "usage": None if used is None else used.json(),
     }
 
 
@@ -64,7 +66,7 @@ async def _read_all() -> str:
     if settings.limits_storage.startswith("memory://"):
         raise SettingsError(
             "limits_storage is memory://: the counts live inside the server process. "
-            "Point limits_storage at Redis to read them from here, or ask GET /v1/usage with each key."
+            "Point limits_storage at Redis to read them from here, or ask GET /v1/usage with each key. What keys used is in the usage ledger: python -m hermes_serve.usage"
         )
     limits = Limits(ledger_for(settings.limits_storage), settings.admission.request_timeout_s)
     try:
@@ -87,7 +89,3 @@ def main() -> int:
         print(f"hermes-serve: cannot read the shared storage: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
