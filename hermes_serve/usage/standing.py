@@ -41,6 +41,7 @@ def usage_json(principal: Principal, standings: list[Standing], used: KeyUsage |
     return {
         "object": "usage",
         "key": principal.name,
+        "admin": principal.admin,
         "expires_at": iso(principal.expires_at),
         "limits": {s.window.setting: window_json(s) for s in standings},
         "usage": None if used is None else used.json(),

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.support import fleet
+from tests.support.browser import browser, page  # noqa: F401 (fixtures: the web console's tests)
 from tests.support.servers import Server
 
 SERVED_NAME = fleet.MODEL

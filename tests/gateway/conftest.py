@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from tests.support import fleet
+from tests.support.browser import browser, page  # noqa: F401 (fixtures: the web console's tests)
 from tests.support.redis import RedisServer
 from tests.support.servers import Server
 
@@ -78,3 +79,17 @@ def queue_full(gateway_servers: dict[str, Server]) -> Server:
 def mortal(gateway_servers: dict[str, Server]) -> Server:
     """An engine that dies when asked, and starts again when its start gate is open."""
     return gateway_servers["mortal"]
+
+
+@pytest.fixture
+def ledger_pair(gateway_servers: dict[str, Server]) -> tuple[Server, Server]:
+    """Two replicas writing one Postgres usage ledger over one Redis; keys include an admin.
+    Read from the fleet each time: a test restarts them."""
+    return gateway_servers["ledger-0"], gateway_servers["ledger-1"]
+
+
+@pytest.fixture
+def kept(gateway_servers: dict[str, Server]) -> Server:
+    """memory:// limits and the default ledger: SQLite in the server's state directory (a
+    test restarts it)."""
+    return gateway_servers["kept"]

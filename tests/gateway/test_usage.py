@@ -104,17 +104,6 @@ def reported(api: str, answer: httpx.Response, stream: bool) -> tuple[int, int, 
     return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"]
 
 
-@pytest.fixture(scope="session")
-def kept(gateway_servers: dict[str, Server]) -> Server:
-    """memory:// limits and the default ledger: SQLite in the server's state directory."""
-    return gateway_servers["kept"]
-
-
-@pytest.fixture(scope="session")
-def ledger_pair(gateway_servers: dict[str, Server]) -> tuple[Server, Server]:
-    return gateway_servers["ledger-0"], gateway_servers["ledger-1"]
-
-
 def fresh(name: str) -> Server:
     """A fleet server as it is now (a test may have restarted it)."""
     return fleet.fleet().gateway[name]

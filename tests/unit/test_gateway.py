@@ -475,6 +475,7 @@ async def test_usage_shows_the_calling_keys_own_standing() -> None:
     assert (await call(gateway, "GET", "/v1/usage", key="hs-free")).json() == {
         "object": "usage",
         "key": "free",
+        "admin": False,
         "expires_at": None,
         "limits": {},
         "usage": None,  # this gateway records no usage
