@@ -30,6 +30,7 @@ from hermes_serve.models import adapter_paths, resolve_model_path
 from hermes_serve.patches import warn_outside_ranges
 from hermes_serve.reload import ConfigWatcher, watch
 from hermes_serve.supervisor import forward_sighup
+from hermes_serve.upstream import Upstream
 from hermes_serve.usage import budgets
 from hermes_serve.usage.store import open_store
 from hermes_serve.usage.writer import Writer, report
@@ -72,7 +73,7 @@ mounted = Starlette(routes=[Mount("/", app=front)])
 @bentoml.asgi_app(mounted, path="/")
 class HermesService:
     def __init__(self) -> None:
-        self.engine: Engine | None = None
+        self.engine: Engine | Upstream | None = None
         self.limits: Limits | None = None
         self.usage: Writer | None = None
         self.stop_watching: Callable[[], None] = lambda: None
@@ -131,9 +132,13 @@ class HermesService:
             metrics.engine_restarts.inc()
             gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models)
 
-        self.engine = engine = Engine(
-            settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM), on_restarted=restarted
-        )
+        engine: Engine | Upstream
+        if settings.model.upstream:  # engines elsewhere, behind a router: this process relays
+            self.engine = engine = Upstream(settings)
+        else:
+            self.engine = engine = Engine(
+                settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM), on_restarted=restarted
+            )
 
         async def apply(new: Settings) -> None:  # a reloaded configuration file
             await engine.use_adapters(adapter_paths(new))
@@ -146,7 +151,10 @@ class HermesService:
         )
         self.stop_watching = watch(watcher, settings.auth.reload_interval_s)
         self.tasks.append(asyncio.create_task(sample_event_loop(metrics.event_loop_tasks)))
-        app = await engine.start(resolve_model_path(settings.model.source), adapter_paths(settings))
+        if isinstance(engine, Upstream):
+            app: Any = await engine.start()
+        else:
+            app = await engine.start(resolve_model_path(settings.model.source), adapter_paths(settings))
         gateway.attach(app, lambda: engine.ready, served=lambda: engine.served_models)
         logger.info("serving %s", ", ".join(sorted(engine.served_models)))
 

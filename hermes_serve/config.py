@@ -99,6 +99,16 @@ class ModelSettings(_Section):
     """adapters in one batch at once (more are swapped in as needed)"""
     engine_args: list[str] = []
     """extra vLLM flags, passed through (`["--max-num-seqs","64"]`)"""
+    upstream: str = ""
+    """an engine's or a router's base URL (`http://vllm-router:8000`): the gateway relays every API there and starts no engine; empty: the in-process engine"""
+    upstream_api_key: str = ""
+    """the gateway's own credential toward `upstream` (give it as `HERMES_MODEL__UPSTREAM_API_KEY`); a client's key never travels there"""
+    upstream_connect_timeout_s: float = Field(5, gt=0)
+    """longest wait to connect to `upstream` → 503"""
+    upstream_read_timeout_s: float = Field(300, gt=0)
+    """longest wait for `upstream`'s next bytes → 502 (or an error event mid-stream)"""
+    tenant_secret: str = ""
+    """the secret of every key's cache salt and tenant id (`HERMES_MODEL__TENANT_SECRET`): replicas in front of one engine pool share it, so a key keeps its engines and cached prefixes whichever replica it reaches; empty: one of this process's own"""
 
     @model_validator(mode="after")
     def _unique_adapters(self) -> ModelSettings:

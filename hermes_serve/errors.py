@@ -150,6 +150,14 @@ CODES: dict[str, Code] = {
         retry_after=5,
         refusal=True,
     ),
+    "upstream_error": Code(
+        502,
+        SERVER,
+        "api_error",
+        "`model.upstream` answered a 5xx, broke the connection or went silent past its read limit",
+        retry_after=5,
+    ),
+    "upstream_unavailable": Code(503, SERVER, "overloaded_error", "`model.upstream` cannot be reached", retry_after=5),
     "usage_unavailable": Code(
         503, SERVER, "api_error", "the usage store did not answer a read (requests go on)", retry_after=5
     ),
@@ -285,6 +293,10 @@ def from_engine(status: int, payload: bytes, model: str | None = None) -> OpenAI
     except ValueError:
         body = None
     if status >= 500:
+        error = body.get("error") if isinstance(body, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        if isinstance(error, dict) and code in UPSTREAM_CODES:  # the relay's own words for an upstream that failed
+            return _error(str(code), str(error.get("message")))
         return internal_error(status)
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and "message" in error:
@@ -411,6 +423,17 @@ def usage_not_recorded() -> OpenAIError:
 
 def usage_unavailable() -> OpenAIError:
     return _error("usage_unavailable", "The usage store did not answer. Retry shortly.")
+
+
+UPSTREAM_CODES = ("upstream_error", "upstream_unavailable")
+
+
+def upstream_unavailable() -> OpenAIError:
+    return _error("upstream_unavailable", "The model's engines cannot be reached. Retry shortly.")
+
+
+def upstream_error() -> OpenAIError:
+    return _error("upstream_error", "The model's engine failed to answer. Retry shortly.")
 
 
 def engine_failed() -> OpenAIError:

@@ -15,6 +15,10 @@ A request picks its behaviour with directives anywhere in its prompt:
 | ``[[tokens=N]]`` | N tokens (still capped by the request's own output cap) |
 | ``[[ms-per-token=N]]`` | N ms between tokens |
 | ``[[cached=N]]`` | N of the prompt's tokens reported as found in the prefix cache (at most all of them) |
+
+Without ``[[cached=N]]``, a prompt this engine has already seen with the same ``cache_salt`` is
+reported as cached, all but its last token: a prefix cache of its own, as each vLLM engine has
+(per process, per salt), so a router's affinity shows in the usage the client gets.
 | ``[[hold]]`` | one token, then held open until the client leaves or the server stops (a gate, not a sleep) |
 | ``[[gate=NAME]]`` | one token, then held until the file NAME exists in the ``gates`` folder, then the rest |
 | ``[[fail-before]]`` | vLLM's 500 before any output |
@@ -38,8 +42,9 @@ import logging
 import re
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 SCHEME = "fake://"
 DEFAULT_TOKENS = 8
+CACHED_PROMPTS = 10_000  # the prefix cache's size, in prompts (the oldest go first)
 WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?:=([\w.-]+))?\]\]")
 GATE_POLL_S = 0.05
@@ -111,6 +117,7 @@ class _Metrics:
         self.running = Gauge("vllm:num_requests_running", "Requests running.", multiprocess_mode="livesum")
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting.", multiprocess_mode="livesum")
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.")
+        self.requests = Counter("vllm:request_success", "Requests answered.")
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.")
 
 
@@ -170,6 +177,7 @@ class FakeApp:
         self._max_model_len = max_model_len
         self._metrics = _shared_metrics()
         self._next_id = 0
+        self._cached: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def openapi(self) -> dict[str, Any]:
         return OPENAPI
@@ -219,10 +227,22 @@ class FakeApp:
             return await _error(send, 500, ENGINE_DIED, kind="InternalServerError")
         self._next_id += 1
         request_id = _header(scope, b"x-request-id") or str(self._next_id)
-        script = Script.read(prompt, _output_cap(path, body))
+        script = self._cache(Script.read(prompt, _output_cap(path, body)), body, prompt)
         model = str(body.get("model") or min(self._served()))
         answer = Answer(path, body, request_id, prompt, script, model)
         await self._serve(answer, receive, send)
+
+    def _cache(self, script: Script, body: dict[str, Any], prompt: str) -> Script:
+        """This engine's prefix cache: a prompt seen before under the same salt is cached."""
+        seen = (str(body.get("cache_salt") or ""), prompt)
+        hit = seen in self._cached
+        self._cached[seen] = None
+        self._cached.move_to_end(seen)
+        if len(self._cached) > CACHED_PROMPTS:
+            self._cached.popitem(last=False)
+        if script.cached or not hit:
+            return script
+        return replace(script, cached=max(0, _count(prompt) - 1))
 
     async def _serve(self, answer: Answer, receive: Receive, send: Send) -> None:
         # As in vLLM: the handler runs in its own task, cancelled when the client disconnects.
@@ -244,6 +264,7 @@ class FakeApp:
             return await _error(send, 500, ENGINE_DIED, kind="InternalServerError")
         self._metrics.running.inc()
         self._metrics.prompt_tokens.inc(answer.prompt_tokens)
+        self._metrics.requests.inc()
         try:
             if answer.stream:
                 await send(
@@ -777,6 +798,43 @@ OPENAPI: dict[str, Any] = {
 }
 
 
+class Recorder:
+    """Appends every request it passes on (method, path, headers, body) as a JSON line: what
+    a test reads to prove what reached the engine, and what never did."""
+
+    def __init__(self, app: Any, path: Path) -> None:
+        self._app = app
+        self._path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+
+        def write() -> None:
+            entry = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+                "body": b"".join(chunks).decode("utf-8", "replace"),
+            }
+            with self._path.open("a") as file:
+                file.write(json.dumps(entry) + "\n")
+
+        async def recording() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    write()
+            return message
+
+        if scope["method"] == "GET":
+            write()
+        await self._app(scope, recording, send)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m hermes_serve.fake_engine --port 8100``: the scripted engine alone, as an
     OpenAI-compatible server of its own (no gateway): a baseline for the gateway's cost, or an
@@ -791,11 +849,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-name", default="scripted")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--source", default=SCHEME, help="fake://?gates=DIR...: the options above")
+    parser.add_argument("--record", type=Path, help="append every request received to this file (JSON lines)")
     options = parser.parse_args(argv)
     served = frozenset({options.served_name})
 
     async def serve() -> None:
-        _, app = await start(options.source, lambda: served, options.max_model_len)
+        _, engine = await start(options.source, lambda: served, options.max_model_len)
+        app = Recorder(engine, options.record) if options.record else engine
         config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False)
         await uvicorn.Server(config).serve()
 

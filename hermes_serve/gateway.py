@@ -81,7 +81,8 @@ class Gateway:
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock
-        self._tenancy = tenancy or Tenancy()
+        secret = settings.model.tenant_secret.encode() if settings.model.tenant_secret else None
+        self._tenancy = tenancy or Tenancy(secret)
         self._usage = usage
         self._local: dict[str, Callable[[Exchange], Awaitable[None]]] = {
             "health": self._health,

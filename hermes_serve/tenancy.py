@@ -13,6 +13,7 @@ another's, so the gateway owns them:
 | header ``X-Session-ID``, body ``session_id`` (published in KV-cache events) | dropped | nothing |
 | body ``vllm_xargs`` (arguments for custom logits processors, a session id too; none are loaded) | dropped | nothing |
 | header ``X-Client-Request-Id`` (not read by vLLM: the client's own id, for the gateway's log) | dropped | nothing |
+| headers ``X-Tenant-ID`` (vLLM's router: ``consistent_hash``), ``x-llm-d-inference-fairness-id`` (llm-d's fairness), ``X-User-ID`` (vLLM's router, before the tenant) | dropped | the key's tenant: an HMAC of its name, or of its ``share_cache_with`` group (as the salt), so a router keeps a key where its cached prefixes are |
 | headers ``Authorization``, ``x-api-key`` (the client's key) | checked | nothing: a key never travels past the gateway |
 | body ``model`` | checked against the key's ``models`` | as sent |
 
@@ -36,9 +37,13 @@ CLIENT_HEADERS = (
     "x-data-parallel-rank",
     "x-session-id",
     "x-client-request-id",
+    "x-tenant-id",
+    "x-user-id",
+    "x-llm-d-inference-fairness-id",
     "authorization",
     "x-api-key",
 )
+TENANT_HEADERS = ("x-tenant-id", "x-llm-d-inference-fairness-id")
 
 
 class Tenancy:
@@ -49,8 +54,17 @@ class Tenancy:
 
     def salt(self, principal: Principal) -> str:
         """Keys of one group share cached prefixes; every other key has its own."""
+        return self._keyed("salt", principal)
+
+    def tenant(self, principal: Principal) -> str:
+        """The key's name toward a router, revealing neither the key nor its name: keys that
+        share cached prefixes are one tenant."""
+        return self._keyed("tenant", principal)[:32]
+
+    def _keyed(self, purpose: str, principal: Principal) -> str:
         owner = f"group:{principal.cache_group}" if principal.cache_group else f"key:{principal.name}"
-        return hmac.new(self._secret, owner.encode(), hashlib.sha256).hexdigest()
+        label = owner if purpose == "salt" else f"{purpose}:{owner}"  # the salt as it always was
+        return hmac.new(self._secret, label.encode(), hashlib.sha256).hexdigest()
 
     def claim(self, body: dict[str, Any], principal: Principal) -> None:
         """Replace what the client may not choose in a generation request's body."""
@@ -58,9 +72,11 @@ class Tenancy:
             body.pop(field, None)
         body["cache_salt"] = self.salt(principal)
 
-    @staticmethod
-    def headers(principal: Principal, request_id: str) -> dict[str, str]:
+    def headers(self, principal: Principal, request_id: str) -> dict[str, str]:
         """The engine-facing headers the gateway sets; the client's ``CLIENT_HEADERS`` go.
         The priority travels as a header, which vLLM reads for every API (Anthropic's
-        request has no priority field)."""
-        return {"x-request-id": request_id, "x-vllm-priority": str(-principal.priority)}
+        request has no priority field); the tenant, for a router in front of several engines."""
+        tenant = self.tenant(principal)
+        return {"x-request-id": request_id, "x-vllm-priority": str(-principal.priority)} | dict.fromkeys(
+            TENANT_HEADERS, tenant
+        )

@@ -13,6 +13,7 @@ from tests.engine.conftest import SERVED_NAME
 from tests.support.lora import write_adapter
 from tests.support.reloading import edited
 from tests.support.servers import Server
+from tests.support.usage import arrived, store_of
 
 # About 900 tokens, the same for every key: a long shared prefix is what a cache would reuse.
 LONG_PROMPT = " ".join(f"Fact {i}: the river number {i} flows into lake {i * 7 % 13}." for i in range(60))
@@ -35,6 +36,28 @@ def test_a_key_reuses_its_own_cached_prefix_and_never_anothers(server: Server) -
     # A client's own cache_salt changes nothing: the gateway's replaces it.
     assert cached_tokens(server, "cache-a", cache_salt="anything") > 800
     assert cached_tokens(server, "tester", cache_salt="anything") == 0
+
+
+def test_the_ledger_keeps_the_cached_tokens_vllm_reported(server: Server) -> None:
+    answers = []
+    with server.http("cache-a") as http:
+        for _ in range(2):
+            body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 2}
+            reply = http.post("/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+            answers.append((reply.headers["x-request-id"], reply.json()["usage"]))
+    store = store_of(server)
+    found = arrived(store, [request_id for request_id, _ in answers])
+    store.close()
+    for request_id, usage in answers:
+        row = found[request_id]
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        assert (row.input_tokens, row.cached_input_tokens, row.output_tokens) == (
+            usage["prompt_tokens"],
+            cached,
+            usage["completion_tokens"],
+        )
+    assert found[answers[1][0]].cached_input_tokens > 800  # the second found the first's prefix
 
 
 def test_a_key_without_access_gets_404_like_a_model_that_does_not_exist(server: Server) -> None:

@@ -16,41 +16,12 @@ import pytest
 import redis
 from openai.types.admin.organization.usage_completions_response import UsageCompletionsResponse
 
-from hermes_serve.usage.store import COLUMNS, SqliteStore, Store, UsageRow, open_store
 from tests.support import fleet, servers
 from tests.support.servers import Server, wait_until
+from tests.support.usage import arrived, store_of
 
 SCRIPTED = fleet.SCRIPTED
 PROMPT = "Count the apples. [[tokens=6]] [[cached=3]]"
-
-
-def store_of(server: Server) -> Store:
-    """The server's own ledger (its state directory's SQLite, or the Postgres it writes)."""
-    assert server.config is not None
-    if "postgresql://" in server.config.read_text():
-        found = open_store(fleet.fleet().ledger_url)
-        assert found is not None
-        return found
-    return SqliteStore(server.log.parent / "bentoml" / "hermes-serve" / "usage.db")
-
-
-def rows(store: Store, ids: list[str]) -> dict[str, UsageRow]:
-    if not ids:
-        return {}
-    try:
-        found = store.query(
-            f"SELECT {', '.join(COLUMNS)} FROM usage_requests WHERE request_id IN ({', '.join('?' * len(ids))})", ids
-        )
-    except Exception:  # no table yet, or the store stopped
-        return {}
-    return {values[0]: UsageRow.from_values(values) for values in found}
-
-
-def arrived(store: Store, ids: list[str], timeout: float = 60) -> dict[str, UsageRow]:
-    assert wait_until(lambda: len(rows(store, ids)) == len(set(ids)), timeout=timeout), (
-        f"{len(set(ids)) - len(rows(store, ids))} of {len(set(ids))} rows missing"
-    )
-    return rows(store, ids)
 
 
 def body(api: str, stream: bool) -> dict[str, Any]:
@@ -218,7 +189,7 @@ def test_two_replicas_write_one_postgres_and_the_usage_api_sums_both(ledger_pair
     totals = {"input": 0, "output": 0}
     ids = []
     for server, times in ((first, 3), (second, 2)):
-        with server.http(key="other") as http:
+        with server.http(key="summed") as http:
             for _ in range(times):
                 answer = http.post("/v1/chat/completions", json=body("chat", False))
                 assert answer.status_code == 200
@@ -231,7 +202,7 @@ def test_two_replicas_write_one_postgres_and_the_usage_api_sums_both(ledger_pair
     page = org_usage(second, "admin", start_time=start, bucket_width="1d", group_by=["api_key_id", "model"])
     assert page.status_code == 200, page.text
     parsed = UsageCompletionsResponse.model_validate(page.json())  # OpenAI's own type for this answer
-    results = [r for bucket in parsed.data for r in bucket.results if r.api_key_id == "other"]
+    results = [r for bucket in parsed.data for r in bucket.results if r.api_key_id == "summed"]
     assert [(r.model, r.num_model_requests, r.input_tokens, r.output_tokens) for r in results] == [
         (SCRIPTED, 5, totals["input"], totals["output"])
     ]

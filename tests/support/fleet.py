@@ -62,6 +62,7 @@ LEDGER_KEYS: dict[str, dict[str, Any]] = {
     "tester": {},
     "admin": {"admin": True},
     "other": {},
+    "summed": {},  # test_usage's sum over both replicas alone
     "daily": {"tokens_per_day": 100_000, "requests_per_day": 10_000},  # a day budget both replicas hold
 }
 KEPT_KEYS: dict[str, dict[str, Any]] = {

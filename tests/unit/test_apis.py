@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
-from hermes_serve.apis import CHAT, COMPLETIONS, MESSAGES, RESPONSES, ChatMeter, Meter
+from hermes_serve.apis import CHAT, COMPLETIONS, MESSAGES, RESPONSES, ChatMeter, Meter, Usage
 from hermes_serve.errors import OpenAIError
 
 
@@ -138,3 +139,55 @@ def test_more_sequences_than_max_n_or_anything_but_an_integer_is_400(
 def test_apis_without_n_are_one_sequence_whatever_they_carry() -> None:
     assert RESPONSES.sequences({"n": 500}, max_n=16) == 1
     assert MESSAGES.sequences({"n": "x"}, max_n=16) == 1
+
+
+@pytest.mark.parametrize(
+    ("api", "answer", "expected"),
+    [
+        (
+            CHAT,
+            {"usage": {"prompt_tokens": 12, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 8}}},
+            Usage(12, 8, 5),
+        ),
+        (COMPLETIONS, {"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}, Usage(3, 0, 4)),
+        (
+            RESPONSES,
+            {"usage": {"input_tokens": 9, "output_tokens": 2, "input_tokens_details": {"cached_tokens": 6}}},
+            Usage(9, 6, 2),
+        ),
+        # Anthropic counts cache reads apart from input_tokens: all of them are the prompt.
+        (MESSAGES, {"usage": {"input_tokens": 4, "cache_read_input_tokens": 16, "output_tokens": 3}}, Usage(20, 16, 3)),
+        (CHAT, {"usage": {"total_tokens": 7}}, Usage(input=7)),  # a total alone is still charged
+        (CHAT, {"usage": None}, None),
+    ],
+)
+def test_each_apis_usage_is_read_as_input_cached_and_output(api: Any, answer: dict[str, Any], expected: Any) -> None:
+    body: dict[str, Any] = {}
+    meter = api.meter(body)
+    meter.read_json(json.dumps(answer).encode())
+    assert meter.usage == expected
+    assert meter.tokens == (None if expected is None else expected.total)
+
+
+def test_an_anthropic_stream_reports_cached_input_at_its_start() -> None:
+    meter = MESSAGES.meter({"stream": True})
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 2, "cache_read_input_tokens": 30}}}
+    meter.feed(b"event: message_start\ndata: " + json.dumps(start).encode())
+    meter.feed(b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":4}}')
+    assert meter.usage == Usage(32, 30, 4)
+
+
+@pytest.mark.parametrize(
+    ("api", "body", "end_user"),
+    [
+        (CHAT, {"user": "u-1"}, "u-1"),
+        (CHAT, {"user": "u-1", "safety_identifier": "s-1"}, "s-1"),  # OpenAI's newer field first
+        (RESPONSES, {"safety_identifier": "s-2"}, "s-2"),
+        (COMPLETIONS, {"user": ""}, None),
+        (CHAT, {"user": 42}, None),
+        (MESSAGES, {"metadata": {"user_id": "a-1"}}, "a-1"),
+        (MESSAGES, {"user": "not anthropic's"}, None),
+    ],
+)
+def test_the_end_user_is_read_where_each_api_names_it(api: Any, body: dict[str, Any], end_user: str | None) -> None:
+    assert api.end_user(body) == end_user

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from hermes_serve import errors
 from hermes_serve.apis import Meter, Usage
 from hermes_serve.metrics import GatewayMetrics
-from hermes_serve.record import Fate, Record, charge, observe
+from hermes_serve.record import Fate, Record, charge, observe, usage_row
 from tests.support.servers import REPO
 
 OPERATIONS = (REPO / "docs" / "operations.md").read_text()
@@ -108,3 +108,30 @@ def test_the_first_end_is_the_outcome_but_a_client_that_left_is_one_that_left(co
     for code in codes:
         record.end(code)
     assert record.outcome == outcome
+
+
+def test_the_usage_row_holds_names_and_numbers_of_the_record() -> None:
+    record = Record("rid", "POST", "/v1/messages", started=5.0, key="team", status=200)
+    record.started_at, record.model, record.api, record.end_user = 1000.0, "m", "messages", "person"
+    record.usage, record.queue_wait_s, record.admitted = Usage(20, 16, 3), 0.25, True
+    record.client_request_id = "job-1"
+    row = usage_row(record, ended_at=1002.5)
+    assert (row.request_id, row.started, row.ended, row.key, row.model, row.api) == (
+        "rid",
+        1000.0,
+        1002.5,
+        "team",
+        "m",
+        "messages",
+    )
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens) == (20, 16, 3)
+    assert (row.status, row.outcome, row.queue_wait_s, row.admitted) == (200, "ok", 0.25, True)
+    assert (row.end_user, row.client_request_id) == ("person", "job-1")
+    unanswered = usage_row(Record("r2", "GET", "other", started=0.0), ended_at=1.0)
+    assert (unanswered.input_tokens, unanswered.output_tokens, unanswered.admitted) == (0, 0, False)
+
+
+def test_a_generation_cut_short_is_charged_its_prompt_as_input_and_its_stream_as_output() -> None:
+    meter = Meter()
+    meter.token_events = 3
+    assert charge(meter, Fate.RAN, lambda: PROMPT) == Usage(input=PROMPT, output=3)
