@@ -98,7 +98,14 @@ class Streamed:
         if chunk.startswith(self._meter.error_event):
             # vLLM's own words for a failure mid-answer (its engine died...): ours instead.
             return await self._reply.fail(errors.engine_failed())
-        if self._meter.feed(chunk):
+        passed = self._meter.feed(chunk)
+        if not more and self._meter.usage is None:
+            # Every stream the gateway asks for ends with its usage: one without was cut short
+            # (an engine, or the connection to it, died), however cleanly it closed.
+            if passed and chunk:
+                await self._reply.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            return await self._reply.fail(errors.engine_failed())
+        if passed:
             message = {"type": "http.response.body", "body": chunk, "more_body": more}
             await (self._reply.send(message) if more else self._end(message))
         elif not more:

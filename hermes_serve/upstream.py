@@ -46,6 +46,8 @@ HOP_BY_HOP = frozenset(
         "content-encoding",
     }
 )
+# The gateway's own, never the upstream's: its request id, and the server's date and name.
+ANSWER_DROPS = HOP_BY_HOP | {"x-request-id", "date", "server"}
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_S = 2.0
 
@@ -177,11 +179,13 @@ class Upstream:
                     "headers": [
                         (k.encode("latin-1"), v.encode("latin-1"))
                         for k, v in response.headers.multi_items()
-                        if k.lower() not in HOP_BY_HOP
+                        if k.lower() not in ANSWER_DROPS
                     ],
                 }
             )
-            chunks = _events(response.aiter_raw()) if _is_stream(response) else response.aiter_raw()
+            # Decoded: an upstream that compresses all the same is relayed plain (its
+            # content-encoding is not passed on).
+            chunks = _events(response.aiter_bytes()) if _is_stream(response) else response.aiter_bytes()
             try:
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

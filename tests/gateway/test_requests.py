@@ -153,11 +153,13 @@ def test_every_api_is_relayed_with_its_usage_and_charged_exactly(server: Server)
         ].response.usage.total_tokens,
     ]
     claude = anthropic.Anthropic(base_url=server.url, api_key=server.keys["meter"], max_retries=0)
+    # Anthropic's input_tokens leave out what the prefix cache read (the engine's cache has
+    # this prompt from the first call): the prompt is all of them.
     usage = claude.messages.create(model=SCRIPTED, max_tokens=5, messages=ask).usage
-    reported.append(usage.input_tokens + usage.output_tokens)
+    reported.append(usage.input_tokens + (usage.cache_read_input_tokens or 0) + usage.output_tokens)
     with claude.messages.stream(model=SCRIPTED, max_tokens=5, messages=ask) as events:
         usage = events.get_final_message().usage
-    reported.append(usage.input_tokens + usage.output_tokens)
+    reported.append(usage.input_tokens + (usage.cache_read_input_tokens or 0) + usage.output_tokens)
     assert all(n > 5 for n in reported), reported
     # The key is this test's alone; a request's charge is counted as its record closes.
     assert wait_until(lambda: charged() == sum(reported)), (charged(), reported)

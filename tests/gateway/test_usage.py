@@ -18,61 +18,9 @@ from openai.types.admin.organization.usage_completions_response import UsageComp
 
 from tests.support import fleet, servers
 from tests.support.servers import Server, wait_until
-from tests.support.usage import arrived, store_of
+from tests.support.usage import END_USERS, PATHS, arrived, body, reported, store_of
 
 SCRIPTED = fleet.SCRIPTED
-PROMPT = "Count the apples. [[tokens=6]] [[cached=3]]"
-
-
-def body(api: str, stream: bool) -> dict[str, Any]:
-    if api == "messages":
-        return {
-            "model": SCRIPTED,
-            "max_tokens": 20,
-            "messages": [{"role": "user", "content": PROMPT}],
-            "metadata": {"user_id": "person-m"},
-            "stream": stream,
-        }
-    if api == "responses":
-        return {"model": SCRIPTED, "input": PROMPT, "safety_identifier": "person-r", "stream": stream}
-    usage = {"stream_options": {"include_usage": True}} if stream else {}
-    if api == "completions":
-        return {"model": SCRIPTED, "prompt": PROMPT, "max_tokens": 20, "user": "person-c", "stream": stream, **usage}
-    return {
-        "model": SCRIPTED,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": 20,
-        "user": "person-chat",
-        "stream": stream,
-        **usage,
-    }
-
-
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
-PATHS["messages"] = "/v1/messages"
-END_USERS = {"chat": "person-chat", "completions": "person-c", "responses": "person-r", "messages": "person-m"}
-
-
-def reported(api: str, answer: httpx.Response, stream: bool) -> tuple[int, int, int]:
-    """(input, cached input, output) as the API reported them to the client."""
-    if not stream:
-        usage = answer.json()["usage"]
-    else:
-        events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
-        if api == "messages":
-            start = next(e for e in events if e["type"] == "message_start")["message"]["usage"]
-            delta = next(e for e in events if e["type"] == "message_delta")["usage"]
-            usage = {**start, "output_tokens": delta["output_tokens"]}
-        elif api == "responses":
-            usage = next(e for e in events if e["type"] == "response.completed")["response"]["usage"]
-        else:
-            usage = next(e for e in events if e.get("usage"))["usage"]
-    if api == "messages":
-        cached = usage.get("cache_read_input_tokens", 0)
-        return usage["input_tokens"] + cached, cached, usage["output_tokens"]
-    if api == "responses":
-        return usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"], usage["output_tokens"]
-    return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"]
 
 
 def fresh(name: str) -> Server:

@@ -15,6 +15,7 @@ readiness. Everything is stopped, and checked to leave nothing behind, when the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,6 +90,54 @@ def _keys(names: dict[str, dict[str, Any]], prefix: str) -> tuple[dict[str, str]
     return secrets_by_name, stanzas
 
 
+RELAY_KEYS: dict[str, dict[str, Any]] = {
+    "tester": {},
+    "daily": {"tokens_per_day": 100_000, "requests_per_day": 10_000},  # one budget over both replicas
+    **{f"tenant-{i}": {} for i in range(8)},  # keys to spread over the router's engines
+}
+TENANT_SECRET = "shared-by-every-replica"
+
+
+@dataclass
+class Helper:
+    """A program a scenario needs beside the gateways: a scripted engine served alone, a router."""
+
+    name: str
+    url: str
+    command: list[str]
+    log: Path
+    record: Path | None = None
+    """Every request the engine received (``--record``)."""
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command, cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        if not kill:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # streams still open: no longer
+                self.process.wait(timeout=10)
+                return
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def received(self) -> list[dict[str, Any]]:
+        assert self.record is not None
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+
+    def metric(self, name: str) -> float:
+        import httpx
+
+        return servers.Scrape(httpx.get(f"{self.url}/metrics", timeout=10).text).value(name)
+
+
 @dataclass
 class Fleet:
     workdir: Path
@@ -97,8 +146,7 @@ class Fleet:
     engine: Server | None = None
     redises: dict[str, RedisServer] = field(default_factory=dict)
     postgres: PostgresServer | None = None
-    ledger_url: str = ""
-    """The ledger pair's database."""
+    helpers: dict[str, Helper] = field(default_factory=dict)
     problem: str | None = None
     """Why a tier's servers could not start (reported by its fixtures)."""
 
@@ -138,8 +186,54 @@ class Fleet:
         self.postgres = PostgresServer()
         self.postgres.start()
         ledger = self._redis("ledger", start=True)
-        self.ledger_url = self.postgres.create_database()
-        self._pair("ledger", LEDGER_KEYS, {"limits_storage": ledger.url, "usage": {"store": self.ledger_url}})
+        store = self.postgres.create_database()
+        self._pair("ledger", LEDGER_KEYS, {"limits_storage": ledger.url, "usage": {"store": store}})
+        self._relays(self._redis("relay", start=True))
+
+    def _relays(self, redis: RedisServer) -> None:
+        """The gateway over HTTP engines (``model.upstream``): a pair of replicas in front of
+        vLLM's router over two scripted engines, and one server straight over a third."""
+        assert self.postgres is not None
+        pool = [self._engine("engine-a"), self._engine("engine-b")]
+        router = self._router("router", pool)
+        upstream = {"upstream": router.url, "tenant_secret": TENANT_SECRET, "upstream_api_key": "upstream-credential"}
+        settings = {
+            "limits_storage": redis.url,
+            "usage": {"store": self.postgres.create_database()},
+            "admission": {"request_timeout_s": 60, "queue_timeout_s": 60},
+        }
+        self._pair("relay", RELAY_KEYS, settings, upstream=upstream)
+        solo = self._engine("engine-solo")
+        self._single(
+            "direct",
+            {"admission": {"request_timeout_s": 60}},
+            upstream={"upstream": solo.url, "upstream_read_timeout_s": 2},
+        )
+
+    def _engine(self, name: str) -> Helper:
+        folder = self.workdir / name
+        (folder / "gates").mkdir(parents=True)
+        port = servers.free_port()
+        record = folder / "requests.jsonl"
+        command = [sys.executable, "-m", "hermes_serve.fake_engine", "--port", str(port), "--record", str(record)]
+        command += ["--source", f"fake://?gates={folder / 'gates'}"]
+        helper = self.helpers[name] = Helper(name, f"http://127.0.0.1:{port}", command, folder / "log", record)
+        helper.start()
+        return helper
+
+    def _router(self, name: str, workers: list[Helper]) -> Helper:
+        folder = self.workdir / name
+        folder.mkdir()
+        port = servers.free_port()
+        command = [str(Path(sys.executable).with_name("vllm-router")), "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--worker-urls", *(w.url for w in workers), "--policy", "consistent_hash"]
+        # Notice a worker's start and death within seconds (the defaults wait 30 s and 60 s).
+        command += ["--worker-startup-check-interval", "1", "--health-check-interval-secs", "1"]
+        command += ["--health-failure-threshold", "1", "--health-success-threshold", "1"]
+        command += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(servers.free_port())]
+        helper = self.helpers[name] = Helper(name, f"http://127.0.0.1:{port}", command, folder / "log")
+        helper.start()
+        return helper
 
     def _redis(self, name: str, start: bool) -> RedisServer:
         assert self.redis_binary is not None
@@ -150,11 +244,18 @@ class Fleet:
             redis.start()
         return redis
 
-    def _section(self, folder: Path, stanzas: list[dict[str, Any]], settings: dict[str, Any], source: str) -> Path:
+    def _section(
+        self,
+        folder: Path,
+        stanzas: list[dict[str, Any]],
+        settings: dict[str, Any],
+        source: str,
+        upstream: dict[str, Any] | None = None,
+    ) -> Path:
         gates = folder / "gates"
         gates.mkdir(parents=True, exist_ok=True)
         section = {
-            "model": {"source": f"fake://?gates={gates}{source}", "served_name": SCRIPTED},
+            "model": {"source": f"fake://?gates={gates}{source}", "served_name": SCRIPTED, **(upstream or {})},
             **settings,
             "auth": {"reload_interval_s": RELOAD_INTERVAL_S, "keys": stanzas},
         }
@@ -168,11 +269,12 @@ class Fleet:
         names: dict[str, dict[str, Any]],
         settings: dict[str, Any],
         second_environment: dict[str, str] | None = None,
+        upstream: dict[str, Any] | None = None,
     ) -> None:
         """Two replicas reading one configuration file, as two pods reading one ConfigMap."""
         folder = self.workdir / name
         keys, stanzas = _keys(names, name)
-        config = self._section(folder, stanzas, settings, "")
+        config = self._section(folder, stanzas, settings, "", upstream)
         for i, environment in enumerate(({}, second_environment or {})):
             server = servers.start(config, folder / f"replica-{i}", keys, environment=environment)
             server.gates = folder / "gates"
@@ -184,11 +286,12 @@ class Fleet:
         settings: dict[str, Any],
         start_gate: bool = False,
         names: dict[str, dict[str, Any]] = SINGLE_KEYS,
+        upstream: dict[str, Any] | None = None,
     ) -> None:
         folder = self.workdir / name
         keys, stanzas = _keys(names, name)
         gate = folder / "gates" / "engine-start"
-        config = self._section(folder, stanzas, settings, f"&start_gate={gate}" if start_gate else "")
+        config = self._section(folder, stanzas, settings, f"&start_gate={gate}" if start_gate else "", upstream)
         if start_gate:
             gate.touch()
         server = servers.start(config, folder / "server", keys)
@@ -252,6 +355,8 @@ class Fleet:
         """Stop everything; returns what was left behind after SIGTERM (then killed)."""
         pids = servers.stop_all(self.everything())
         left = [f"processes {pids}"] if pids else []
+        for helper in self.helpers.values():
+            helper.stop()
         for redis in self.redises.values():
             redis.stop()
         if self.postgres is not None:

@@ -125,6 +125,8 @@ EVERY_FACTORY = [
     errors.usage_of_other_keys(),
     errors.usage_not_recorded(),
     errors.usage_unavailable(),
+    errors.upstream_unavailable(),
+    errors.upstream_error(),
 ]
 
 

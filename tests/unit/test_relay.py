@@ -142,12 +142,13 @@ async def test_the_engines_error_event_mid_stream_becomes_ours_and_ends_the_stre
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_last_message_waits_for_release(stream: bool) -> None:
     client = Sent()
-    relay, _ = relay_to(client, hold_end=True)
+    relay, _ = relay_to(client, ChatMeter(hide_usage_event=False), hold_end=True)
     if stream:
         await relay.send(start(content_type=b"text/event-stream"))
+        await relay.send(body(data({"choices": [], "usage": USAGE}), more=True))
         await relay.send(body(b"data: [DONE]\n\n", more=True))
         await relay.send(body(b""))
-        assert [m.get("more_body") for m in client.messages] == [None, True], "all but the end"
+        assert [m.get("more_body") for m in client.messages] == [None, True, True], "all but the end"
     else:
         await answer(relay, 200, b"{}")
         assert client.messages == [], "a JSON answer is its own end: all of it waits"
@@ -160,15 +161,27 @@ async def test_a_failure_before_release_ends_the_answer_instead() -> None:
     client = Sent()
     record = Record("rid", "POST", "/v1/chat/completions", 0.0)
     reply = Reply(client, record)
-    relay = Relay(reply, hold_end=True)
+    relay = Relay(reply, ChatMeter(hide_usage_event=False), hold_end=True)
     await relay.send(start(content_type=b"text/event-stream"))
     await relay.send(body(data({"choices": [{"delta": {"content": "t0"}}]}), more=True))
+    await relay.send(body(data({"choices": [], "usage": USAGE}), more=True))
     await relay.send(body(b""))
     await reply.fail(errors.internal_error())
     await relay.release()
-    assert json.loads(client.body.split(b"\n\n")[1].removeprefix(b"data: "))["error"]["code"] == "internal_error"
+    assert json.loads(client.body.split(b"\n\n")[2].removeprefix(b"data: "))["error"]["code"] == "internal_error"
     assert client.messages[-1]["more_body"] is False and record.outcome == "internal_error"
-    assert len(client.messages) == 3, "the held end is not sent after the error's"
+    assert len(client.messages) == 4, "the held end is not sent after the error's"
+
+
+async def test_a_stream_that_ends_without_its_usage_was_cut_and_ends_with_the_engine_failing() -> None:
+    client = Sent()
+    relay, record = relay_to(client, ChatMeter(hide_usage_event=False))
+    await relay.send(start(content_type=b"text/event-stream"))
+    await relay.send(body(data({"choices": [{"delta": {"content": "t0"}}]}), more=True))
+    await relay.send(body(b""))  # closed cleanly, by a router whose engine died
+    frames = client.body.decode().strip().split("\n\n")
+    assert json.loads(frames[-2].removeprefix("data: "))["error"]["code"] == "engine_failed"
+    assert frames[-1] == "data: [DONE]" and record.outcome == "engine_failed"
 
 
 async def test_once_detached_the_engines_late_output_is_dropped() -> None:

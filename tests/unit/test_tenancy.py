@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from hermes_serve.auth import Principal, hash_key
-from hermes_serve.tenancy import CLIENT_FIELDS, CLIENT_HEADERS, Tenancy
+from hermes_serve.tenancy import CLIENT_FIELDS, CLIENT_HEADERS, TENANT_HEADERS, Tenancy
 from tests.support.fake_engine import FakeEngine
 from tests.support.gateway import KEY, build, call
 
@@ -33,6 +33,9 @@ MEDDLING_HEADERS = {
     "X-data-parallel-rank": "3",
     "X-Session-ID": "s",
     "X-Client-Request-Id": "the-clients-own",
+    "X-Tenant-ID": "another-keys-tenant",  # a router would send it to another key's engines
+    "x-llm-d-inference-fairness-id": "another-keys-share",
+    "X-User-ID": "u",
 }
 
 
@@ -50,8 +53,12 @@ async def test_the_engine_gets_the_gateways_fields_and_headers_never_the_clients
     assert body["cache_salt"] != "steal-me" and len(body["cache_salt"]) == 64
     assert headers["x-vllm-priority"] == "-5", "the key's priority, in vLLM's order (lower runs first)"
     assert headers["x-request-id"] == reply.headers["x-request-id"]
-    assert not {h for h in headers if h in CLIENT_HEADERS} - {"x-vllm-priority", "x-request-id"}
-    assert "x-data-parallel-rank" not in headers and "x-session-id" not in headers
+    owned = {"x-vllm-priority", "x-request-id", *TENANT_HEADERS}
+    assert not {h for h in headers if h in CLIENT_HEADERS} - owned
+    assert "x-data-parallel-rank" not in headers and "x-session-id" not in headers and "x-user-id" not in headers
+    tenant = headers["x-tenant-id"]
+    assert tenant == headers["x-llm-d-inference-fairness-id"] and len(tenant) == 32
+    assert tenant not in ("another-keys-tenant", "team") and tenant not in body["cache_salt"]
     assert "authorization" not in headers and "x-api-key" not in headers, "the client's key reached the engine"
     assert all(KEY not in value for value in headers.values())
 
@@ -77,6 +84,14 @@ def test_salts_cannot_be_derived_without_this_processs_secret() -> None:
     key = Principal("team")
     assert Tenancy(b"1" * 32).salt(key) != Tenancy(b"2" * 32).salt(key)
     assert Tenancy().salt(key) != Tenancy().salt(key)
+
+
+def test_replicas_sharing_a_secret_name_a_key_alike_and_a_cache_group_is_one_tenant() -> None:
+    a, b = Tenancy(b"shared"), Tenancy(b"shared")
+    team, grouped, also = Principal("team"), Principal("x", cache_group="g"), Principal("y", cache_group="g")
+    assert a.salt(team) == b.salt(team) and a.tenant(team) == b.tenant(team)
+    assert a.tenant(grouped) == b.tenant(also) != a.tenant(team)
+    assert Tenancy(b"other").tenant(team) != a.tenant(team)
 
 
 async def test_a_model_the_key_may_not_use_answers_like_one_that_does_not_exist() -> None:
