@@ -92,3 +92,61 @@ def test_kubernetes_replicas_share_limits_gate_on_readiness_and_drain() -> None:
     assert spec["terminationGracePeriodSeconds"] > GPU.model.shutdown_timeout_s
     assert container["resources"]["limits"]["nvidia.com/gpu"] == GPU.model.tensor_parallel_size
     assert deployment["spec"]["replicas"] >= 2
+
+
+CORE_KINDS = ("Deployment", "Service", "ConfigMap")
+
+
+def llm_d_documents() -> list[dict]:  # type: ignore[type-arg]
+    return list(yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "llm-d.yaml").read_text()))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [d for d in llm_d_documents() if d["kind"] in CORE_KINDS],
+    ids=lambda d: f"{d['kind']}-{d['metadata']['name']}",
+)
+def test_the_engine_pool_manifests_validate_strictly(document: dict) -> None:  # type: ignore[type-arg]
+    validate(document, desired_version="1.33.0", strict=True)
+
+
+def test_the_gateways_front_the_pool_through_llm_ds_router() -> None:
+    found = {(d["kind"], d["metadata"]["name"]): d for d in llm_d_documents()}
+    gateway = found[("Deployment", "hermes-gateway")]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in gateway["env"]}
+    assert env["HERMES_MODEL__UPSTREAM"]["value"].startswith("http://inference-gateway")
+    assert "secretKeyRef" in env["HERMES_MODEL__TENANT_SECRET"]["valueFrom"]  # shared, and a secret
+    assert "nvidia.com/gpu" not in str(gateway["resources"])  # CPU only
+    pool = found[("InferencePool", "vllm-pool")]["spec"]
+    engine = found[("Deployment", "vllm-engine")]["spec"]["template"]
+    assert pool["selector"]["matchLabels"] == engine["metadata"]["labels"]
+    assert pool["endpointPickerRef"]["name"] in {name for kind, name in found if kind == "Service"}
+    route = found[("HTTPRoute", "vllm-pool")]["spec"]
+    assert route["rules"][0]["backendRefs"][0] == {
+        "group": "inference.networking.k8s.io",
+        "kind": "InferencePool",
+        "name": "vllm-pool",
+    }
+    assert route["parentRefs"][0]["name"] in {name for kind, name in found if kind == "Gateway"}
+
+
+def test_the_one_host_pool_parses_with_its_secrets_from_the_environment() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is required in CI (.ci/run installs it)")
+        pytest.skip("docker-compose not installed (apt-get install docker-compose)")
+    secrets = {"HERMES_API_KEY": "k", "HERMES_TENANT_SECRET": "t", "HERMES_POSTGRES_PASSWORD": "p"}
+    command = [binary, "-f", "deploy/compose/pool.yml", "config"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **secrets})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("gateway-0", "gateway-1"):
+        env = services[name]["environment"]
+        assert env["HERMES_MODEL__UPSTREAM"] == "http://router:8000" and env["HERMES_MODEL__TENANT_SECRET"] == "t"
+        assert env["HERMES_USAGE__STORE"].startswith("postgresql://") and "deploy" not in services[name]  # no GPU
+    assert "consistent_hash" in services["router"]["command"]
+    missing = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HERMES_API_KEY": "k"}
+    )
+    assert missing.returncode != 0 and "HERMES_TENANT_SECRET" in missing.stderr
