@@ -51,6 +51,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
 from starlette.types import Message, Receive, Scope, Send
 
+from .request import read_body
+
 logger = logging.getLogger(__name__)
 
 SCHEME = "fake://"
@@ -680,16 +682,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _read_body(receive: Receive) -> Any:
-    chunks = []
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
+    raw = await read_body(receive)
+    if raw is None:
+        return None
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(raw)
     except (ValueError, RecursionError):
         return None
 

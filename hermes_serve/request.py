@@ -138,6 +138,18 @@ class Incoming:
             self._watcher.cancel()
 
 
+async def read_body(receive: Receive) -> bytes | None:
+    """A request's whole body, however many messages it came in; None if the client left."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 _CONTAINERS = (dict, list)  # all json.loads makes; exact types test faster than isinstance
 
 

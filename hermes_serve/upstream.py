@@ -22,10 +22,11 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from . import errors
 from .config import Settings
+from .request import read_body
 
 logger = logging.getLogger("hermes_serve.upstream")
 
@@ -124,7 +125,7 @@ class Upstream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:
             return  # the client left before anything was sent
         task = asyncio.current_task()
@@ -195,17 +196,6 @@ class Upstream:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _disconnected(receive: Receive) -> bool:
