@@ -21,8 +21,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from . import errors
 from .config import Settings
@@ -30,7 +32,7 @@ from .request import read_body
 
 logger = logging.getLogger("hermes_serve.upstream")
 
-# Hop-by-hop (RFC 9110 7.6.1) and what httpx sets itself: never relayed either way.
+# Hop-by-hop (RFC 9110 7.6.1) and what the HTTP client sets itself: never relayed either way.
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -55,26 +57,21 @@ PROBE_TIMEOUT_S = 2.0
 
 class Upstream:
     """An HTTP engine in the in-process engine's place: the same ``ready``,
-    ``served_models``, ``start``, ``use_adapters`` and ``stop``."""
+    ``served_models``, ``start``, ``use_adapters`` and ``stop``.
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    aiohttp's pool, not httpx's: httpcore 1.0's rescans every connection on each request
+    (encode/httpcore#1035), a cost that grows with the requests in flight."""
+
+    def __init__(self, settings: Settings) -> None:
         model = settings.model
         self.url = model.upstream.rstrip("/")
         self._credential = {"authorization": f"Bearer {model.upstream_api_key}"} if model.upstream_api_key else {}
-        timeout = httpx.Timeout(
-            connect=model.upstream_connect_timeout_s,
-            read=model.upstream_read_timeout_s,
-            write=model.upstream_read_timeout_s,
-            pool=settings.admission.queue_timeout_s,
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=model.upstream_connect_timeout_s, sock_read=model.upstream_read_timeout_s
         )
         # One connection per request the engines may run, and some for the other routes.
-        connections = settings.admission.max_concurrency + 16
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            transport=transport,
-        )
+        self._connections = settings.admission.max_concurrency + 16
+        self._session: aiohttp.ClientSession | None = None
         self._ready = False
         self._served: frozenset[str] = frozenset({model.served_name})
         self._prober: asyncio.Task[None] | None = None
@@ -86,6 +83,12 @@ class Upstream:
     @property
     def served_models(self) -> frozenset[str]:
         return self._served
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:  # made inside the running loop, on first use
+            connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
 
     async def start(self) -> Upstream:
         """Starts following the upstream's health; returns the app the gateway calls."""
@@ -101,7 +104,8 @@ class Upstream:
     async def stop(self) -> None:
         if self._prober is not None:
             self._prober.cancel()
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def _follow(self) -> None:
         while True:
@@ -109,14 +113,16 @@ class Upstream:
             await self._probe()
 
     async def _probe(self) -> None:
+        probe = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
         try:
-            health = await self._client.get("/health", headers=self._credential, timeout=PROBE_TIMEOUT_S)
-            ready = health.status_code == 200
+            async with self._client().get(self.url + "/health", headers=self._credential, timeout=probe) as health:
+                ready = health.status == 200
             if ready:
-                models = await self._client.get("/v1/models", headers=self._credential, timeout=PROBE_TIMEOUT_S)
-                found = frozenset(str(m.get("id")) for m in models.json().get("data", []) if isinstance(m, dict))
+                async with self._client().get(self.url + "/v1/models", headers=self._credential, timeout=probe) as got:
+                    models = await got.json(content_type=None)
+                found = frozenset(str(m.get("id")) for m in models.get("data", []) if isinstance(m, dict))
                 self._served = found or self._served
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
             ready = False
         if ready != self._ready:
             (logger.info if ready else logger.warning)("upstream engine %s", "ready" if ready else "not answering")
@@ -151,51 +157,56 @@ class Upstream:
             watch.cancel()
 
     async def _relay(self, scope: Scope, body: bytes, send: Send) -> None:
-        headers = [
+        headers = CIMultiDict(
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
             if k.decode("latin-1").lower() not in HOP_BY_HOP
-        ]
-        headers += [("accept-encoding", "identity"), *self._credential.items()]
-        path = scope.get("raw_path") or scope["path"].encode()
-        query = scope.get("query_string", b"")
-        url = path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-        request = self._client.build_request(scope["method"], url, headers=headers, content=body)
+        )
+        headers.update({"accept-encoding": "identity", **self._credential})
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = URL(self.url + path + ("?" + query if query else ""), encoded=True)
         try:
-            response = await self._client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            response = await self._client().request(
+                scope["method"], url, headers=headers, data=body, skip_auto_headers=("user-agent",)
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             logger.warning("upstream not reachable: %s", type(exc).__name__)
             return await errors.send_error(send, errors.upstream_unavailable())
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             logger.warning("upstream failed before answering: %s", type(exc).__name__)
             return await errors.send_error(send, errors.upstream_error())
+        finished = False
         try:
-            if response.status_code >= 500:  # its internals are not the client's to read
-                logger.warning("upstream answered %d", response.status_code)
+            if response.status >= 500:  # its internals are not the client's to read
+                logger.warning("upstream answered %d", response.status)
                 return await errors.send_error(send, errors.upstream_error())
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
+                    "status": response.status,
                     "headers": [
-                        (k.encode("latin-1"), v.encode("latin-1"))
-                        for k, v in response.headers.multi_items()
+                        (k.lower().encode("latin-1"), v.encode("latin-1"))  # ASGI's names are lower case
+                        for k, v in response.headers.items()
                         if k.lower() not in ANSWER_DROPS
                     ],
                 }
             )
             # Decoded: an upstream that compresses all the same is relayed plain (its
             # content-encoding is not passed on).
-            chunks = _events(response.aiter_bytes()) if _is_stream(response) else response.aiter_bytes()
+            chunks = response.content.iter_any()
             try:
-                async for chunk in chunks:
+                async for chunk in _events(chunks) if _is_stream(response) else chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 logger.warning("upstream failed mid-answer: %s", type(exc).__name__)
                 raise errors.engine_failed() from None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finished = True
         finally:
-            await response.aclose()
+            # A whole answer's connection goes back to the pool; any other is closed, which
+            # is how an engine learns that its client left.
+            response.release() if finished else response.close()
 
 
 async def _disconnected(receive: Receive) -> bool:
@@ -206,7 +217,7 @@ async def _disconnected(receive: Receive) -> bool:
     return False
 
 
-def _is_stream(response: httpx.Response) -> bool:
+def _is_stream(response: aiohttp.ClientResponse) -> bool:
     return bool(response.headers.get("content-type", "").startswith("text/event-stream"))
 
 

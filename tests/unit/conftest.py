@@ -19,6 +19,6 @@ REAL_SERVERS = frozenset({"redis_server"})
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
-        if item.path.is_relative_to(UNIT) and not uses & REAL_SERVERS:
-            # Appended: a test's own mark (looptime(False)) still decides.
+        if item.path.is_relative_to(UNIT) and not uses & REAL_SERVERS and item.get_closest_marker("looptime") is None:
+            # A test's or module's own mark (looptime(False) for a real socket) decides.
             item.add_marker(pytest.mark.looptime)
