@@ -78,10 +78,14 @@ class KeyUsage:
         return {"today": period(self.day_start, self.today), "month": period(self.month_start, self.month)}
 
 
-def key_usage(store: Store, key: str, now: float) -> KeyUsage:
+def period_starts(now: float) -> tuple[int, int]:
+    """When this UTC day and this UTC month began: the budgets' calendar periods."""
     today = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    day_start = int(today.timestamp())
-    month_start = int(today.replace(day=1).timestamp())
+    return int(today.timestamp()), int(today.replace(day=1).timestamp())
+
+
+def key_usage(store: Store, key: str, now: float) -> KeyUsage:
+    day_start, month_start = period_starts(now)
 
     def by_model(since: int) -> dict[str, Totals]:
         rows = store.query(
@@ -363,8 +367,7 @@ class Spent:
 def spent(store: Store, now: float, keys: Sequence[str] | None = None) -> dict[str, Spent]:
     """Each key's charges this day and month, from the rollups (two grouped reads, whatever
     the number of keys): what a restart or an emptied Redis rebuilds the budgets from."""
-    today = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    day_start, month_start = int(today.timestamp()), int(today.replace(day=1).timestamp())
+    day_start, month_start = period_starts(now)
     where, params = "hour >= ?", list[Any]([month_start])
     if keys is not None:
         if not keys:
